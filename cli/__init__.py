@@ -1,0 +1,1 @@
+"""edgegen command-line interface (Typer). Commands parse options and call library code."""

@@ -1,0 +1,93 @@
+"""`edgegen bundle`: verify, inspect and list bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+bundle_app = typer.Typer(help="Verify, inspect and list bundles.", no_args_is_help=True)
+console = Console()
+
+
+@bundle_app.command("verify")
+def verify(path: Path = typer.Argument(..., help="Bundle directory.")) -> None:
+    """Recompute every file's sha256 against the manifest; exit 1 naming any bad file."""
+    from edge_agent.bundle import open_bundle
+
+    b = open_bundle(path)
+    console.print(
+        f"[green]ok[/] {b.name} {b.digest12} ({len(b.manifest['files'])} files verified)"
+    )
+
+
+@bundle_app.command("inspect")
+def inspect(
+    path: Path = typer.Argument(..., help="Bundle directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Show a bundle's manifest: source, precision, signature, validation figures, files."""
+    from edge_agent.bundle import open_bundle
+
+    b = open_bundle(path, verify=False)
+    if as_json:
+        typer.echo(json.dumps({"digest": b.digest, **b.manifest}, indent=2, sort_keys=True))
+        return
+    console.print(manifest_table(b.manifest, b.digest))
+
+
+def manifest_table(m: dict, digest: str) -> Table:
+    """The manifest as a two-column table (shared with `edgegen export`'s report)."""
+    t = Table(title=f"bundle {m['name']} {digest[:12]}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    src = m.get("source", {})
+    sig = m.get("signature", {})
+    rows = [
+        ("digest", digest),
+        ("task", m["task"]),
+        ("precision", m["precision"]),
+        ("exporter / runtime", f"{m.get('exporter')} / {m['runtime']}"),
+        ("source", f"{src.get('kind')}: {src.get('reference')}"),
+        ("source sha256", str(src.get("sha256"))),
+        ("context length", str(m["context_length"])),
+        (
+            "signature",
+            ", ".join(f"{k}={v}" for k, v in sig.items() if not isinstance(v, (list, dict))),
+        ),
+        ("created", f"{m['created']} by edgegen {m['edgegen_version']}"),
+    ]
+    for key, value in (m.get("validation") or {}).items():
+        if not isinstance(value, (list, dict)):
+            rows.append((f"validation.{key}", str(value)))
+    size = sum(f["size"] for f in m["files"].values())
+    rows.append(("files", f"{len(m['files'])} files, {size / 1e6:.1f} MB"))
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+@bundle_app.command("list")
+def list_(
+    store: Path = typer.Argument(None, help="Bundle store (default: $EDGEGEN_STORE or "
+                                 "~/.cache/edgegen/bundles)."),
+) -> None:
+    """List the bundles in a store, newest first per name."""
+    from edge_agent.bundle import default_store, iter_bundles
+
+    store = store or default_store()
+    t = Table(title=f"bundles in {store}", title_justify="left")
+    for col in ("name", "digest", "precision", "task", "runtime", "size MB", "created", "path"):
+        t.add_column(col)
+    for b in iter_bundles(store):
+        size = sum(f["size"] for f in b.manifest["files"].values()) / 1e6
+        t.add_row(b.name, b.digest12, b.precision, b.task, b.runtime, f"{size:.1f}",
+                  b.manifest["created"], str(b.path))
+    console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bundle_app, name="bundle")

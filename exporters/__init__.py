@@ -1,0 +1,1 @@
+"""Export models to validated, quantized ONNX bundles. Imports torch lazily, inside functions."""

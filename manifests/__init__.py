@@ -1,0 +1,1 @@
+"""K3s manifests (package data), their rendering, and the deploy/rollout logic."""
