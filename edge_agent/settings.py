@@ -1,0 +1,44 @@
+"""Everything an edge agent process is configured with; built by `edgegen agent` from its flags.
+
+One frozen object shared by the HTTP app, the engine, Consul registration and the MQTT bridge,
+so that each part reads the same values and nothing reads the environment on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_agent.bundle import default_store
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    bundle: str                       # a bundle directory, or an http(s) URL to fetch it from
+    node: str                         # node name: Consul Meta.node, MQTT topic, x-edgegen-node
+    port: int = 8000
+    host: str = "127.0.0.1"
+    advertise_host: str | None = None  # address others reach us at (Consul); default: host
+    tier: str = "edge"                # "edge" or "central"
+    region: str = ""
+    zone: str = ""
+    lat: float | None = None
+    lon: float | None = None
+    device: str = "cpu"               # cpu | cuda | tensorrt
+    threads: int | None = None        # intra-op threads; None = the machine's core count
+    max_concurrency: int = 4          # sequences decoded together
+    queue_size: int = 16              # requests waiting beyond max_concurrency before 429
+    max_tokens_default: int = 256     # when a request names no max_tokens
+    drain_timeout: float = 30.0       # seconds in-flight requests get on SIGTERM or bundle swap
+    admin_token: str | None = None    # bearer token for POST /edgegen/v1/bundle; None = disabled
+    store: Path = field(default_factory=default_store)  # content-addressed bundle cache
+    consul: str | None = None         # http://host:8500 to register in Consul
+    mqtt: str | None = None           # mqtt[s]://[user:pass@]host:port for the device bridge
+    mqtt_ca_file: str | None = None
+    mqtt_coalesce_ms: int = 50        # streaming: flush a chunk message at least this often
+    mqtt_coalesce_tokens: int = 8     # ... or after this many tokens
+    mqtt_max_payload: int = 256 * 1024
+
+    @property
+    def address(self) -> str:
+        return self.advertise_host or self.host
