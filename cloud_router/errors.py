@@ -2,6 +2,9 @@
 
     RouterError
     ├── RegistryError           the Consul (or embedded registry) API failed or answered badly
+    ├── RegistryRequestError    the embedded registry refuses a client's request
+    │   ├── InvalidRequest      a body or parameter Consul would answer with 400
+    │   └── NotFound            an unknown check or service ID (404)
     └── ConfigError             router configuration that cannot work (bad API-key file, ...)
 
 Per-request outcomes (no endpoint, upstream failed) are OpenAI-shaped error responses, not
@@ -17,6 +20,22 @@ class RouterError(Exception):
 
 class RegistryError(RouterError):
     """The service registry could not be read or written."""
+
+
+class RegistryRequestError(RouterError):
+    """The embedded registry refuses a request; the HTTP layer maps it to Consul's status."""
+
+    status_code = 400
+
+
+class InvalidRequest(RegistryRequestError):
+    """A request body or parameter Consul would refuse with 400 and a plain-text message."""
+
+
+class NotFound(RegistryRequestError):
+    """An unknown check or service ID."""
+
+    status_code = 404
 
 
 class ConfigError(RouterError):

@@ -5,8 +5,10 @@
     │   ├── BundleNotFound          no bundle (or no edgegen.json) at the path
     │   ├── BundleFormatError       edgegen.json is unreadable or not edgegen.bundle/v1
     │   ├── BundleIntegrityError    files do not match the manifest (tampered, truncated, missing)
-    │   └── BundleFetchError        a bundle URL could not be downloaded or verified
-    └── DeviceUnavailable           a GPU execution provider was asked for but is not present
+    │   ├── BundleFetchError        a bundle URL could not be downloaded or verified
+    │   └── ModelLoadError          the bundle verified, but its runtime cannot load the model
+    ├── DeviceUnavailable           a GPU execution provider was asked for but is not present
+    └── GenerationError             the runtime failed while generating (not the client's fault)
 
 Request-level problems (bad parameters, prompt too long, queue full) are not exceptions of
 this tree: they are OpenAI-shaped error values built in ``protocol``.
@@ -46,3 +48,35 @@ class BundleFetchError(BundleError):
 
 class DeviceUnavailable(AgentError):
     """The requested device (CUDA, TensorRT) has no execution provider on this machine."""
+
+
+class ModelLoadError(BundleError):
+    """The bundle's files verify, but onnxruntime / onnxruntime-genai refuses to load them."""
+
+
+class GenerationError(AgentError):
+    """The runtime raised while prefilling or decoding; the request gets a 500, others go on."""
+
+
+class MqttError(AgentError):
+    """The MQTT bridge or the device client cannot do its job."""
+
+
+class MqttConfigError(MqttError):
+    """A broker URL, CA file or option that cannot work."""
+
+
+class MqttConnectError(MqttError):
+    """The broker cannot be reached, or refused the connection (the reason is in the text)."""
+
+
+class MqttTimeout(MqttError):
+    """A device request got no (further) reply in time."""
+
+
+class MqttReplyError(MqttError):
+    """The agent answered with an OpenAI-shaped error; ``error`` holds its ``error`` object."""
+
+    def __init__(self, error: dict):
+        self.error = error
+        super().__init__(f"{error.get('type', 'error')}: {error.get('message', error)}")
