@@ -1,0 +1,200 @@
+"""Registering the agent in Consul: the agent's only module that talks to Consul (py-consul).
+
+The agent registers through the agent API (``/v1/agent/service/register``) with the service
+name, ID, tags, Meta and HTTP check of DESIGN.md's Consul contract, then keeps checking
+that the registry still knows it (``GET /v1/agent/service/<id>``) and registers again when
+it does not (a registry restarted without its data). Consul being down never stops the
+agent: a background task retries with exponential backoff and logs once per state change,
+not once per try. A clean shutdown deregisters, bounded in time.
+
+``registration_payload`` is the pure part: settings + bundle → what is registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from urllib.parse import urlsplit, urlunsplit
+
+import consul
+import requests
+
+from edge_agent.bundle import Bundle
+from edge_agent.errors import RegistrationError
+from edge_agent.settings import AgentSettings
+
+logger = logging.getLogger(__name__)
+
+CHECK_INTERVAL = "2s"
+CHECK_TIMEOUT = "1s"
+DEREGISTER_AFTER = "1m"
+
+
+def service_name(tier: str) -> str:
+    return "edgegen-central" if tier == "central" else "edgegen-edge"
+
+
+def service_id(settings: AgentSettings) -> str:
+    return f"{service_name(settings.tier)}-{settings.node}-{settings.port}"
+
+
+def _public_url(url: str | None) -> str:
+    """A broker URL without its credentials: Consul Meta is readable by every client."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def registration_payload(settings: AgentSettings, bundle: Bundle) -> dict:
+    """Keyword arguments for py-consul's ``agent.service.register`` (Meta values are strings,
+    as Consul requires)."""
+    host = settings.address
+    url_host = f"[{host}]" if ":" in host else host
+    meta = {
+        "node": settings.node,
+        "region": settings.region,
+        "zone": settings.zone,
+        "lat": "" if settings.lat is None else repr(float(settings.lat)),
+        "lon": "" if settings.lon is None else repr(float(settings.lon)),
+        "model": bundle.name,
+        "digest": bundle.digest12,
+        "tier": settings.tier,
+        "max_concurrency": str(settings.max_concurrency),
+        "mqtt": _public_url(settings.mqtt),
+    }
+    return {
+        "name": service_name(settings.tier),
+        "service_id": service_id(settings),
+        "address": host,
+        "port": settings.port,
+        "tags": [f"model={bundle.name}", f"digest={bundle.digest12}"],
+        "meta": meta,
+        "check": consul.Check.http(f"http://{url_host}:{settings.port}/readyz", CHECK_INTERVAL,
+                                   timeout=CHECK_TIMEOUT, deregister=DEREGISTER_AFTER),
+    }
+
+
+def _client(url: str, timeout: float) -> consul.Consul:
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    return consul.Consul(host=parts.hostname or "127.0.0.1", port=parts.port or 8500,
+                         scheme=parts.scheme or "http", connections_timeout=timeout)
+
+
+class ConsulRegistration:
+    """Keeps one agent registered in Consul for as long as it runs."""
+
+    def __init__(self, settings: AgentSettings, bundle: Bundle, *,
+                 resync_interval: float = 2.0, max_backoff: float = 10.0,
+                 request_timeout: float = 2.0):
+        if not settings.consul:
+            raise ValueError("settings.consul is not set")
+        self.settings = settings
+        self.bundle = bundle
+        self.service_id = service_id(settings)
+        self.resync_interval = resync_interval
+        self.max_backoff = max_backoff
+        self.request_timeout = request_timeout
+        self._consul = _client(settings.consul, request_timeout)
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self.registered = False
+        self.state = "starting"   # starting | registered | unreachable
+
+    # ---- public API ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start registering in the background; returns at once, never raises."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="consul-registration")
+
+    async def update(self, bundle: Bundle) -> None:
+        """Re-register with the new bundle's name and digest (after a hot swap)."""
+        self.bundle = bundle
+        try:
+            async with self._lock:
+                await self._call(self._consul.agent.service.register,
+                                 **registration_payload(self.settings, bundle))
+            self.registered = True
+            logger.info("consul registration updated",
+                        extra={"service_id": self.service_id, "digest": bundle.digest12})
+        except RegistrationError as exc:
+            # The background loop registers the new bundle once Consul answers again.
+            self.registered = False
+            self._set_state("unreachable", str(exc))
+            self._wake.set()
+
+    async def stop(self, timeout: float = 3.0) -> None:
+        """Stop the background task and deregister (bounded by ``timeout`` seconds)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        client = _client(self.settings.consul, min(self.request_timeout, timeout))
+        try:
+            await asyncio.wait_for(
+                self._call(client.agent.service.deregister, self.service_id), timeout)
+            logger.info("deregistered from consul", extra={"service_id": self.service_id})
+        except (RegistrationError, TimeoutError) as exc:
+            logger.warning("could not deregister from consul; its check will expire instead",
+                           extra={"service_id": self.service_id, "error": str(exc)})
+        self.registered = False
+
+    # ---- internals -----------------------------------------------------------------------
+
+    async def _call(self, fn, *args, **kwargs):
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except (consul.ConsulException, requests.RequestException, OSError) as exc:
+            raise RegistrationError(f"consul at {self.settings.consul}: {exc}") from exc
+
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        extra = {"service_id": self.service_id, "consul": self.settings.consul}
+        if state == "registered":
+            logger.info("registered in consul", extra=extra)
+        else:
+            logger.warning("consul unreachable; serving anyway and retrying registration",
+                           extra={**extra, "error": error})
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            try:
+                if not self.registered:
+                    async with self._lock:
+                        await self._call(self._consul.agent.service.register,
+                                         **registration_payload(self.settings, self.bundle))
+                    self.registered = True
+                    self._set_state("registered")
+                else:
+                    known = await self._call(self._consul.agent.service_definition,
+                                             self.service_id)
+                    if known is None:
+                        logger.warning("consul forgot this service; registering again",
+                                       extra={"service_id": self.service_id})
+                        self.registered = False
+                        continue
+                    self._set_state("registered")
+                backoff = 0.0
+                await self._sleep(self.resync_interval)
+            except RegistrationError as exc:
+                self.registered = False
+                self._set_state("unreachable", str(exc))
+                backoff = min(self.max_backoff, max(0.5, backoff * 2))
+                await self._sleep(backoff * random.uniform(0.75, 1.0))
