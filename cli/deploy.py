@@ -1,7 +1,173 @@
-"""`edgegen deploy` (placeholder until its issue lands: registers nothing)."""
+"""`edgegen deploy`, `edgegen rollback`, `edgegen status`: options in, library calls out."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+console = Console()
+
+
+def config_options(bundle, bundle_url, target, namespace, nodes, max_unavailable, image,
+                   consul_address, central=True, mqtt=True):
+    """Build the DeployConfig the flags describe (shared with `edgegen manifests render`)."""
+    from manifests.bundle_ref import bundle_ref
+    from manifests.render import DEFAULT_IMAGE, DeployConfig, check_config, parse_selector
+
+    cfg = DeployConfig(
+        bundle=bundle_ref(bundle, bundle_url, target),
+        namespace=namespace,
+        image=image or DEFAULT_IMAGE,
+        node_selector=parse_selector(nodes),
+        max_unavailable=str(max_unavailable),
+        consul_address=consul_address,
+        central=central,
+        mqtt=mqtt,
+    )
+    check_config(cfg)
+    return cfg
+
+
+def progress_table(decision) -> Table:
+    t = Table(title=f"rollout: {decision.reason}", title_justify="left")
+    for col in ("node", "bundle", "state", "detail"):
+        t.add_column(col)
+    style = {"ready": "green", "crash-looping": "red", "old bundle": "dim"}
+    for n in decision.nodes:
+        t.add_row(n.node, n.digest[:12], f"[{style.get(n.phase, 'yellow')}]{n.phase}[/]",
+                  n.detail)
+    return t
+
+
+class _LiveProgress:
+    """A live per-node table while the rollout is watched."""
+
+    def __init__(self):
+        self.live = Live(Table(title="rollout: applying"), console=console,
+                         refresh_per_second=4, transient=False)
+
+    def __enter__(self):
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.live.__exit__(*exc)
+
+    def __call__(self, decision) -> None:
+        self.live.update(progress_table(decision))
+
+
+def deploy(
+    bundle: str = typer.Argument(..., help="Bundle directory to deploy."),
+    target: str = typer.Option("k3s", "--target", help="k3s, or local (processes here)."),
+    kubeconfig: str = typer.Option(None, "--kubeconfig", help="Path to the kubeconfig."),
+    context: str = typer.Option(None, "--context", help="kubeconfig context to use."),
+    namespace: str = typer.Option("edgegen", "--namespace", "-n"),
+    nodes: str = typer.Option(None, "--nodes",
+                              help="Extra labels edge nodes must have: k=v,k2=v2."),
+    max_unavailable: str = typer.Option("1", "--max-unavailable",
+                                        help="Nodes (or %) updated at once."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the rollout."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the rendered YAML and exit."),
+    image: str = typer.Option(None, "--image", help="Container image with edgegen."),
+    bundle_url: str = typer.Option(None, "--bundle-url",
+                                   help="Where the nodes pull the bundle from (k3s)."),
+    consul_address: str = typer.Option(None, "--consul-address",
+                                       help="Use an existing Consul instead of installing one."),
+    central: bool = typer.Option(True, "--central/--no-central",
+                                 help="Also deploy the central GPU tier."),
+    mqtt: bool = typer.Option(True, "--mqtt/--no-mqtt", help="A Mosquitto broker per edge node."),
+    force_conflicts: bool = typer.Option(False, "--force-conflicts",
+                                         help="Take over fields other managers own."),
+    cluster: Path = typer.Option(None, "--cluster",
+                                 help="local: cluster file (YAML nodes); default: built in."),
+    router_port: int = typer.Option(8080, "--router-port", help="local: the router's port."),
+    registry_port: int = typer.Option(8500, "--registry-port",
+                                      help="local: the embedded registry's port."),
+    mqtt_port: int = typer.Option(1883, "--mqtt-port", help="local: the MQTT broker's port."),
+) -> None:
+    """Deploy a bundle to K3s edge nodes (server-side apply, watched rollout, automatic
+    rollback), or run the same container specs as local processes with --target local."""
+    from manifests.render import render, to_yaml
+
+    if target not in ("k3s", "local"):
+        raise typer.BadParameter("--target must be k3s or local")
+    cfg = config_options(bundle, bundle_url, target, namespace, nodes, max_unavailable,
+                         image, consul_address, central, mqtt and target == "k3s")
+    if dry_run:
+        typer.echo(to_yaml(render(cfg)), nl=False)
+        return
+    if target == "local":
+        from manifests.fleet import FleetOptions, run_fleet
+
+        run_fleet(FleetOptions(cluster=cluster, bundle=bundle, router_port=router_port,
+                               registry_port=registry_port, mqtt_port=mqtt_port,
+                               deploy_config=cfg), console=console)
+        return
+    from manifests.deploy import deploy as do_deploy
+    from manifests.kube import KubeClient
+
+    client = KubeClient.connect(kubeconfig, context)
+    console.print(f"deploying {cfg.bundle.name} {cfg.bundle.digest[:12]} to "
+                  f"{client.description}, namespace {cfg.namespace}")
+    with _LiveProgress() as progress:
+        decision = do_deploy(client, cfg, timeout, progress, force_conflicts)
+    console.print(f"[green]rolled out[/] to {decision.desired} edge nodes")
+
+
+def rollback(
+    kubeconfig: str = typer.Option(None, "--kubeconfig"),
+    context: str = typer.Option(None, "--context"),
+    namespace: str = typer.Option("edgegen", "--namespace", "-n"),
+    timeout: float = typer.Option(600.0, "--timeout"),
+    force_conflicts: bool = typer.Option(False, "--force-conflicts"),
+) -> None:
+    """Roll the edge nodes back to the bundle served before the current one."""
+    from manifests.deploy import rollback as do_rollback
+    from manifests.kube import KubeClient
+
+    client = KubeClient.connect(kubeconfig, context)
+    with _LiveProgress() as progress:
+        target, _ = do_rollback(client, namespace, timeout, progress, force_conflicts)
+    console.print(f"[green]rolled back[/] to {target.name} {target.digest[:12]}")
+
+
+def status(
+    target: str = typer.Option("k3s", "--target", help="k3s, or local (asks the registry)."),
+    kubeconfig: str = typer.Option(None, "--kubeconfig"),
+    context: str = typer.Option(None, "--context"),
+    namespace: str = typer.Option("edgegen", "--namespace", "-n"),
+    consul: str = typer.Option("http://127.0.0.1:8500", "--consul",
+                               help="local: the registry (Consul API) to ask."),
+) -> None:
+    """Every node: its tier, bundle digest and readiness."""
+    if target == "local":
+        from manifests.local_status import registry_status
+
+        rows = registry_status(consul)
+    elif target == "k3s":
+        from manifests.deploy import cluster_status
+        from manifests.kube import KubeClient
+
+        rows = cluster_status(KubeClient.connect(kubeconfig, context), namespace)
+    else:
+        raise typer.BadParameter("--target must be k3s or local")
+    t = Table(title=f"edgegen agents ({target})", title_justify="left")
+    for col in ("node", "tier", "bundle", "ready", "address", "detail"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r.node, r.tier, r.bundle, "[green]yes[/]" if r.ready else "[red]no[/]",
+                  r.address, r.detail)
+    console.print(t)
+    if not rows:
+        console.print("no agents found")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the `edgegen` app."""
+    app.command("deploy")(deploy)
+    app.command("rollback")(rollback)
+    app.command("status")(status)

@@ -1,0 +1,248 @@
+"""A local fleet: the embedded registry, Mosquitto, a bundle server, one agent per node of a
+cluster file (run from the rendered container specs, see `manifests.local`) and the router.
+
+Used by `edgegen deploy --target local` and `edgegen up`. Processes are started in order,
+each waited for (HTTP readiness) before the next that needs it; stop() ends them in reverse.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import httpx
+
+from manifests.errors import LocalFleetError
+from manifests.local import Node, ProcessSpec, load_cluster, node_processes, router_process
+from manifests.render import BundleRef, DeployConfig, mosquitto_conf, render
+
+log = logging.getLogger(__name__)
+EDGEGEN = (sys.executable, "-m", "cli.main")
+MOSQUITTO = "/usr/sbin/mosquitto"
+
+
+@dataclass
+class FleetOptions:
+    cluster: str | Path | None = None
+    bundle: str | None = None
+    router_port: int = 8080
+    registry_port: int = 8500
+    mqtt_port: int = 1883
+    deploy_config: DeployConfig | None = None
+    workdir: Path | None = None
+    ready_timeout: float = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_mosquitto() -> str:
+    path = shutil.which("mosquitto") or (MOSQUITTO if os.path.exists(MOSQUITTO) else None)
+    if not path:
+        raise LocalFleetError("Mosquitto is not installed: `sudo apt-get install mosquitto` "
+                              "(Debian/Ubuntu) or `brew install mosquitto` (macOS)")
+    return path
+
+
+@dataclass
+class Fleet:
+    """The running processes of one local fleet."""
+
+    opts: FleetOptions
+    workdir: Path
+    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    agents: dict[str, int] = field(default_factory=dict)   # node -> port
+    registry_url: str = ""
+    router_url: str = ""
+    mqtt_url: str = ""
+    bundle: BundleRef | None = None
+
+    def _spawn(self, name: str, argv, env: dict | None = None) -> subprocess.Popen:
+        log_path = self.workdir / "logs" / f"{name.replace('/', '-')}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log_path, "wb")
+        p = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                             start_new_session=True)
+        self.procs.append((name, p))
+        log.info("started", extra={"process": name, "pid": p.pid})
+        return p
+
+    def _wait_http(self, name: str, url: str, proc: subprocess.Popen, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise LocalFleetError(f"{name} exited with {proc.returncode}; see "
+                                      f"{self.workdir / 'logs'}:\n{self.log_tail(name)}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise LocalFleetError(f"{name} not ready at {url} after {timeout:.0f}s:\n"
+                              f"{self.log_tail(name)}")
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        p = self.workdir / "logs" / f"{name.replace('/', '-')}.log"
+        try:
+            return "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _run_init(self, spec: ProcessSpec, timeout: float) -> None:
+        p = self._spawn(spec.name, spec.argv, spec.env)
+        try:
+            rc = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise LocalFleetError(f"{spec.name} did not finish in {timeout:.0f}s") from None
+        if rc != 0:
+            raise LocalFleetError(f"{spec.name} failed ({rc}):\n{self.log_tail(spec.name)}")
+
+    def start(self, console=None) -> "Fleet":
+        o = self.opts
+        say = console.print if console else (lambda *a, **k: None)
+        nodes = load_cluster(o.cluster)
+        # 1. registry (stands in for Consul) and broker
+        self.registry_url = f"http://127.0.0.1:{o.registry_port}"
+        reg = self._spawn("registry", [*EDGEGEN, "registry", "--port", str(o.registry_port),
+                                       "--data-dir", str(self.workdir / "registry")])
+        self._wait_http("registry", f"{self.registry_url}/v1/status/leader", reg, 60)
+        say(f"registry  {self.registry_url}")
+        if o.mqtt_port:
+            conf = self.workdir / "mosquitto.conf"
+            conf.write_text(mosquitto_conf(o.mqtt_port).replace(
+                f"listener {o.mqtt_port}", f"listener {o.mqtt_port} 127.0.0.1"))
+            self._spawn("mosquitto", [find_mosquitto(), "-c", str(conf)])
+            self._wait_tcp("mosquitto", o.mqtt_port, 30)
+            self.mqtt_url = f"mqtt://127.0.0.1:{o.mqtt_port}"
+            say(f"mqtt      {self.mqtt_url}")
+        # 2. publish the bundle so the init containers pull it as nodes would
+        from edge_agent.bundle import open_bundle
+
+        b = open_bundle(o.bundle, verify=False)
+        store = Path(b.path).parent.parent
+        bport = free_port()
+        srv = self._spawn("bundle-server", [*EDGEGEN, "bundle", "serve", str(store),
+                                            "--port", str(bport)])
+        url = f"http://127.0.0.1:{bport}/{b.name}/{b.digest12}/"
+        self._wait_http("bundle-server", url + "edgegen.json", srv, 60)
+        self.bundle = BundleRef(b.name, b.digest, url)
+        cfg = o.deploy_config or DeployConfig(bundle=self.bundle)
+        cfg = replace(cfg, bundle=self.bundle, consul_address=self.registry_url,
+                      mqtt=bool(o.mqtt_port))
+        docs = render(cfg)
+        # 3. agents, one per node, from the rendered specs
+        started: list[tuple[Node, ProcessSpec, subprocess.Popen]] = []
+        for node in nodes:
+            port = free_port()
+            overrides = {"EDGEGEN_STORE": str(self.workdir / "nodes" / node.name / "bundles"),
+                         "EDGEGEN_CONSUL": self.registry_url, "EDGEGEN_MQTT": self.mqtt_url}
+            for spec in node_processes(docs, node, port, overrides, EDGEGEN):
+                if spec.init:
+                    self._run_init(spec, 600)
+                else:
+                    started.append((node, spec, self._spawn(spec.name, spec.argv, spec.env)))
+                    self.agents[node.name] = port
+        for node, spec, p in started:
+            self._wait_http(spec.name, f"http://127.0.0.1:{spec.port}/readyz", p, o.ready_timeout)
+            say(f"agent     {node.name:14} {node.tier:7} {node.region:9} "
+                f"http://127.0.0.1:{spec.port}")
+        # 4. the router
+        rspec = router_process(docs, o.router_port, {"EDGEGEN_CONSUL": self.registry_url},
+                               EDGEGEN)
+        rp = self._spawn("router", rspec.argv, rspec.env)
+        self.router_url = f"http://127.0.0.1:{o.router_port}"
+        self._wait_http("router", f"{self.router_url}/readyz", rp, 120)
+        say(f"router    {self.router_url}")
+        return self
+
+    def _wait_tcp(self, name: str, port: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise LocalFleetError(f"{name} did not listen on port {port}:\n{self.log_tail(name)}")
+
+    def alive(self) -> list[str]:
+        return [n for n, p in self.procs if p.poll() is None]
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM every process (last started first), SIGKILL what outlives ``timeout``."""
+        for _, p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _, p in reversed(self.procs):
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+def start_fleet(opts: FleetOptions, console=None) -> Fleet:
+    workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="edgegen-fleet-"))
+    fleet = Fleet(opts, Path(workdir))
+    try:
+        return fleet.start(console)
+    except BaseException:
+        fleet.stop()
+        raise
+
+
+def run_fleet(opts: FleetOptions, console=None, demo: bool = False) -> None:
+    """Start the fleet, print how to use it, then serve until Ctrl-C (or, with ``demo``,
+    ask one question over REST and one over MQTT and return)."""
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM stops the fleet as cleanly as Ctrl-C
+
+    signal.signal(signal.SIGTERM, _terminate)
+    fleet = start_fleet(opts, console)
+    say = console.print if console else print
+    try:
+        say("\n[bold]try it:[/]" if console else "\ntry it:")
+        say(f"  curl -s {fleet.router_url}/v1/chat/completions -H 'content-type: "
+            f"application/json' -d '{{\"model\": \"{fleet.bundle.name}\", \"messages\": "
+            f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'", markup=False,
+            soft_wrap=True) \
+            if console else None
+        if fleet.mqtt_url:
+            say(f"  edgegen mqtt chat --broker {fleet.mqtt_url} 'Hello!'", markup=False) \
+                if console else None
+        say(f"  edgegen status --target local --consul {fleet.registry_url}", markup=False) \
+            if console else None
+        if demo:
+            from manifests.demo import ask_mqtt, ask_rest
+
+            answer, node = ask_rest(fleet.router_url, fleet.bundle.name)
+            say(f"\nREST answer (from {node}): {answer}", markup=False, soft_wrap=True)
+            if fleet.mqtt_url:
+                say(f"MQTT answer: {ask_mqtt(fleet.mqtt_url)}", markup=False, soft_wrap=True)
+            return
+        say("\nCtrl-C stops everything.")
+        while True:
+            dead = [n for n, p in fleet.procs if p.poll() is not None
+                    and not n.endswith("bundle-pull")]
+            if dead:
+                raise LocalFleetError(f"{', '.join(dead)} exited; logs in {fleet.workdir}/logs")
+            time.sleep(1)
+    except KeyboardInterrupt:
+        say("\nstopping ...")
+    finally:
+        fleet.stop()

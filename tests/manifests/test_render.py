@@ -1,0 +1,169 @@
+"""Every rendered manifest validates: built-in kinds with kubernetes-validate (strict) for the
+Kubernetes version of the targeted K3s release, Traefik and K3s CRDs against their schemas."""
+
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate.utils as kv
+import pytest
+import yaml
+
+from manifests.errors import RenderError
+from manifests.render import (
+    K3S_KUBERNETES_VERSION, BundleRef, DeployConfig, find, parse_selector, render, to_yaml,
+    write_manifests,
+)
+
+CRDS = Path(__file__).parent / "data" / "crds"
+BUNDLE = BundleRef("smollm2-135m-int8", "ab" * 32, "https://bundles.example/smollm2/ab.tar")
+
+
+def _strict(schema):
+    """Reject unknown fields, as the API server prunes/rejects them for structural schemas."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "object" and "properties" in schema \
+                and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema = {**schema, "additionalProperties": False}
+        return {k: _strict(v) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+def _crd_schemas():
+    out = {}
+    for f in CRDS.glob("*.yaml"):
+        crd = yaml.safe_load(f.read_text())
+        for v in crd["spec"]["versions"]:
+            key = (f"{crd['spec']['group']}/{v['name']}", crd["spec"]["names"]["kind"])
+            out[key] = _strict(v["schema"]["openAPIV3Schema"])
+    return out
+
+
+SCHEMAS = _crd_schemas()
+
+
+def validate(doc, version=K3S_KUBERNETES_VERSION):
+    key = (doc["apiVersion"], doc["kind"])
+    if key in SCHEMAS:
+        jsonschema.validate(doc, SCHEMAS[key])
+    else:
+        kv.validate(doc, version, strict=True)
+
+
+FLAGS = [
+    {},
+    {"consul_address": "http://consul.consul.svc:8500"},
+    {"central": False, "mqtt": False, "max_unavailable": "25%"},
+    {"node_selector": {"topology.kubernetes.io/region": "eu-west", "disk": "ssd"},
+     "router_host": "llm.example.com", "tls_secret": "llm-tls", "entry_points": ("websecure",),
+     "namespace": "edge-prod", "image": "registry.local/edgegen:dev", "central_replicas": 2},
+]
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=["defaults", "consul", "minimal", "full"])
+@pytest.mark.parametrize("version", [K3S_KUBERNETES_VERSION, "1.37.0"])
+def test_every_rendered_manifest_validates(flags, version):
+    docs = render(DeployConfig(bundle=BUNDLE, **flags))
+    kinds = {d["kind"] for d in docs}
+    assert {"Namespace", "ConfigMap", "DaemonSet", "Deployment", "Service",
+            "IngressRoute", "Middleware"} <= kinds
+    for doc in docs:
+        validate(doc, version)
+    assert ("HelmChart" in kinds) == ("consul_address" not in flags)
+
+
+def test_the_validators_do_reject_bad_manifests():
+    docs = render(DeployConfig(bundle=BUNDLE))
+    ds = find(docs, "DaemonSet", "edgegen-edge")
+    ds["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
+    with pytest.raises(Exception, match="livenessProbes"):
+        validate(ds)
+    route = find(docs, "IngressRoute", "edgegen-router")
+    route["spec"]["routes"][0]["servics"] = []
+    with pytest.raises(jsonschema.ValidationError):
+        validate(route)
+
+
+def test_edge_daemonset_carries_the_contract():
+    docs = render(DeployConfig(bundle=BUNDLE, max_unavailable="2"))
+    ds = find(docs, "DaemonSet", "edgegen-edge")
+    tmpl = ds["spec"]["template"]
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "2"
+    assert tmpl["metadata"]["annotations"]["edgegen.io/bundle-digest"] == BUNDLE.digest
+    assert tmpl["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert tmpl["spec"]["nodeSelector"] == {"edgegen.io/tier": "edge"}
+    init = tmpl["spec"]["initContainers"][0]
+    assert init["args"][:3] == ["bundle", "pull", BUNDLE.url]
+    agent = tmpl["spec"]["containers"][0]
+    assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert "topology.kubernetes.io/region" in env["EDGEGEN_REGION"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert tmpl["spec"]["volumes"][0]["hostPath"]["path"] == "/var/lib/edgegen/bundles"
+    assert f"$(EDGEGEN_STORE)/{BUNDLE.name}/{BUNDLE.digest[:12]}" in agent["args"]
+    for key in ("name", "instance", "component", "part-of", "version", "managed-by"):
+        assert f"app.kubernetes.io/{key}" in ds["metadata"]["labels"]
+
+
+def test_central_tier_asks_for_a_gpu():
+    dep = find(render(DeployConfig(bundle=BUNDLE)), "Deployment", "edgegen-central")
+    spec = dep["spec"]["template"]["spec"]
+    assert spec["runtimeClassName"] == "nvidia"
+    assert spec["nodeSelector"] == {"edgegen.io/tier": "central"}
+    agent = spec["containers"][0]
+    assert agent["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert agent["args"][agent["args"].index("--device") + 1] == "cuda"
+    assert agent["args"][agent["args"].index("--tier") + 1] == "central"
+
+
+def test_a_new_bundle_changes_the_pod_template_and_keeps_history():
+    a = render(DeployConfig(bundle=BUNDLE))
+    other = BundleRef("smollm2-135m-int8", "cd" * 32, "https://bundles.example/cd.tar")
+    b = render(DeployConfig(bundle=other), history=[BUNDLE])
+    ta = find(a, "DaemonSet", "edgegen-edge")["spec"]["template"]
+    tb = find(b, "DaemonSet", "edgegen-edge")["spec"]["template"]
+    assert ta != tb
+    cm = find(b, "ConfigMap", "edgegen-bundle")
+    assert cm["data"]["bundle.digest"] == other.digest
+    assert BUNDLE.digest in cm["metadata"]["annotations"]["edgegen.io/history"]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"namespace": "Bad_NS"}, "--namespace"),
+    ({"max_unavailable": "0"}, "--max-unavailable"),
+    ({"max_unavailable": "150%"}, "--max-unavailable"),
+    ({"consul_address": "consul:8500"}, "--consul-address"),
+])
+def test_bad_flags_are_refused_by_name(bad, match):
+    with pytest.raises(RenderError, match=match):
+        render(DeployConfig(bundle=BUNDLE, **bad))
+
+
+def test_selector_parsing():
+    assert parse_selector("a=b, topology.kubernetes.io/region=eu") == {
+        "a": "b", "topology.kubernetes.io/region": "eu"}
+    assert parse_selector(None) == {}
+    for bad in ("a!=b", "a in (b)", "=b", "a=b c"):
+        with pytest.raises(RenderError):
+            parse_selector(bad)
+
+
+def test_values_cannot_break_the_yaml():
+    with pytest.raises(RenderError, match="DNS name"):
+        render(DeployConfig(bundle=BUNDLE, router_host="x`) || Host(`evil"))
+    docs = render(DeployConfig(bundle=BUNDLE, image="img: {a}"))
+    assert find(docs, "Deployment", "edgegen-router")["spec"]["template"]["spec"][
+        "containers"][0]["image"] == "img: {a}"
+
+
+def test_write_manifests_is_a_kustomize_base(tmp_path):
+    docs = render(DeployConfig(bundle=BUNDLE))
+    paths = write_manifests(docs, tmp_path)
+    k = yaml.safe_load((tmp_path / "kustomization.yaml").read_text())
+    assert len(k["resources"]) == len(docs) == len(paths) - 1
+    for name in k["resources"]:
+        assert yaml.safe_load((tmp_path / name).read_text())["kind"]
+    assert len(list(yaml.safe_load_all(to_yaml(docs)))) == len(docs)
