@@ -1,7 +1,78 @@
-"""`edgegen router` (placeholder until its issue lands: registers nothing)."""
+"""`edgegen router`: run the cloud router, or write a Traefik configuration for the fleet.
+
+A Typer group whose callback runs the router when no subcommand is given, so both
+`edgegen router --consul URL --port P` and `edgegen router traefik-config` work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
+
+router_app = typer.Typer(help="The cloud router: nearest healthy edge, retries, central "
+                              "fallback.", invoke_without_command=True)
+
+
+@router_app.callback()
+def router(
+    ctx: typer.Context,
+    consul: str = typer.Option("http://127.0.0.1:8500", "--consul", envvar="EDGEGEN_CONSUL",
+                               help="Consul (or `edgegen registry`) HTTP address."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    region: str = typer.Option("", "--region",
+                               help="Region hint for requests that carry none."),
+    api_keys: Path = typer.Option(None, "--api-keys", exists=True, dir_okay=False,
+                                  help="File of API keys, one per line; without it, no auth."),
+    near: str = typer.Option(None, "--near", help="Consul node to sort endpoints by RTT from."),
+    nearest_few: int = typer.Option(2, "--nearest-few", min=1,
+                                    help="How many near endpoints to balance load among."),
+    max_attempts: int = typer.Option(3, "--max-attempts", min=1,
+                                     help="Tries per request, each on another endpoint."),
+    retry_budget: float = typer.Option(0.2, "--retry-budget", min=0.0, max=1.0,
+                                       help="Retries as a share of recent requests."),
+    max_ejection_share: float = typer.Option(0.5, "--max-ejection-share", min=0.0, max=1.0,
+                                             help="Most of a tier outlier ejection may take "
+                                                  "out of service."),
+) -> None:
+    """Serve the OpenAI API and forward each request to the best endpoint in Consul."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from cloud_router.auth import load_api_keys
+    from cloud_router.forwarding import ForwardConfig
+    from cloud_router.policy import PolicyConfig
+    from cloud_router.server import serve
+    from cloud_router.settings import RouterSettings
+    from cloud_router.stats import EjectionConfig
+
+    serve(RouterSettings(
+        consul=consul, host=host, port=port, region=region, near=near,
+        api_keys=load_api_keys(api_keys) if api_keys else frozenset(),
+        policy=PolicyConfig(nearest_few=nearest_few),
+        ejection=EjectionConfig(max_ejection_share=max_ejection_share),
+        forward=ForwardConfig(max_attempts=max_attempts), retry_budget_ratio=retry_budget))
+
+
+@router_app.command("traefik-config")
+def traefik_config(
+    consul: str = typer.Option("http://127.0.0.1:8500", "--consul", envvar="EDGEGEN_CONSUL",
+                               help="Consul (or `edgegen registry`) HTTP address."),
+    output: Path = typer.Option(None, "--output", "-o",
+                                help="Write the YAML here (default: standard output)."),
+) -> None:
+    """Write a Traefik dynamic configuration (YAML) for the endpoints in Consul now."""
+    import asyncio
+
+    from cloud_router.traefik import endpoints_from_consul, traefik_yaml
+
+    text = traefik_yaml(asyncio.run(endpoints_from_consul(consul)))
+    if output:
+        output.write_text(text)
+    else:
+        typer.echo(text, nl=False)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `edgegen` app."""
+    app.add_typer(router_app, name="router")

@@ -1,0 +1,170 @@
+"""The router's HTTP app: the agents' OpenAI API, forwarded; the table and its explanations;
+health, readiness and metrics. Only this module knows status codes of the router's own
+answers; choosing is the policy's job and sending the forwarder's."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Callable
+
+import httpx
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from cloud_router.auth import bearer_key_ok
+from cloud_router.forwarding import Forwarder
+from cloud_router.geo import parse_location
+from cloud_router.metrics import RouterMetrics
+from cloud_router.policy import RequestHints
+from cloud_router.protocol import error_body, model_list
+from cloud_router.settings import RouterSettings
+from cloud_router.stats import RetryBudget
+from cloud_router.table import EndpointSource, EndpointTable
+
+log = logging.getLogger(__name__)
+
+FORWARDED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+class ClientError(Exception):
+    """A request the router refuses before forwarding (bad JSON, unknown model, bad hint)."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type_, code, param)
+
+
+def build_app(settings: RouterSettings, sources: list[EndpointSource], *,
+              ready: Callable[[], bool] | None = None,
+              transport: httpx.AsyncBaseTransport | None = None,
+              lifespan_tasks: Callable | None = None) -> FastAPI:
+    """The router app over ``sources`` (callables returning the current endpoints).
+
+    ``ready`` says whether discovery has loaded a table (default: always); ``lifespan_tasks``
+    is an async context manager factory run for the app's life (the discovery watchers).
+    """
+    table = EndpointTable(sources, policy=settings.policy, ejection=settings.ejection,
+                          budget=RetryBudget(ratio=settings.retry_budget_ratio))
+    metrics = RouterMetrics(table.rows)
+    forwarder = Forwarder(table, metrics, settings.forward, transport=transport)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            if lifespan_tasks is None:
+                yield
+            else:
+                async with lifespan_tasks():
+                    yield
+        finally:
+            await forwarder.aclose()
+
+    app = FastAPI(title="edgegen router", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.table, app.state.forwarder, app.state.metrics = table, forwarder, metrics
+
+    @app.exception_handler(ClientError)
+    async def _client_error(_request: Request, exc: ClientError) -> JSONResponse:
+        return JSONResponse(exc.body, exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_params(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = str(first.get("loc", ["", ""])[-1]) or None
+        return JSONResponse(error_body(f"{param}: {first.get('msg', 'invalid')}",
+                                       "invalid_request_error", "invalid_parameter", param), 400)
+
+    async def require_key(request: Request) -> None:
+        if settings.api_keys and not bearer_key_ok(request.headers.get("authorization"),
+                                                   settings.api_keys):
+            raise ClientError(401, "a valid API key is required: send 'Authorization: Bearer "
+                              "<key>'", "invalid_request_error", "invalid_api_key")
+
+    def hints_for(model: str, region: str | None, zone: str | None,
+                  location: str | None) -> RequestHints:
+        loc = None
+        if location:
+            try:
+                loc = parse_location(location)
+            except ValueError as exc:
+                raise ClientError(400, f"x-edgegen-location: {exc}", "invalid_request_error",
+                                  "invalid_location", "x-edgegen-location") from exc
+        return RequestHints(model=model, region=region or settings.region, zone=zone or "",
+                            location=loc)
+
+    def known_model(model: str) -> None:
+        if not table.known_model(model):
+            models = sorted(table.seen_models)
+            raise ClientError(404, f"The model {model!r} does not exist or no endpoint serves "
+                              f"it; known models: {', '.join(models) or 'none'}",
+                              "invalid_request_error", "model_not_found", "model")
+
+    async def proxy(request: Request) -> Response:
+        body = await request.body()
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ClientError(400, f"the request body is not valid JSON: {exc}",
+                              "invalid_request_error", "invalid_json") from exc
+        if not isinstance(payload, dict) or not isinstance(payload.get("model"), str) \
+                or not payload["model"]:
+            raise ClientError(400, "the request body must be a JSON object with a 'model' "
+                              "string", "invalid_request_error", "missing_model", "model")
+        known_model(payload["model"])
+        h = request.headers
+        hints = hints_for(payload["model"], h.get("x-edgegen-region"), h.get("x-edgegen-zone"),
+                          h.get("x-edgegen-location"))
+        headers = dict(h)
+        return await forwarder.forward(request.url.path, body, headers, hints)
+
+    for path in FORWARDED_PATHS:
+        app.add_api_route(path, proxy, methods=["POST"], dependencies=[Depends(require_key)],
+                          include_in_schema=False)
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def models() -> dict:
+        return model_list(table.models())
+
+    @app.get("/edgegen/v1/endpoints", dependencies=[Depends(require_key)])
+    async def endpoints() -> dict:
+        return {"endpoints": table.rows()}
+
+    @app.get("/edgegen/v1/route", dependencies=[Depends(require_key)])
+    async def route(model: str, region: str | None = None, zone: str | None = None,
+                    location: str | None = None) -> dict:
+        """Which endpoint a request with these hints would go to now, and why."""
+        known_model(model)
+        hints = hints_for(model, region, zone, location)
+        d = table.choose(hints)
+        return {
+            "model": model,
+            "hints": {"region": hints.region, "zone": hints.zone, "location": hints.location},
+            "endpoint": None if d.endpoint is None else {
+                "id": d.endpoint.id, "node": d.endpoint.node, "tier": d.endpoint.tier,
+                "url": d.endpoint.url, "region": d.endpoint.region},
+            "reason": d.reason,
+            "probe": d.probe,
+            "candidates": [vars(r) for r in d.candidates],
+            "skipped": d.skipped,
+        }
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        loaded = ready() if ready else True
+        n = len(table.endpoints())
+        ok = loaded and n > 0
+        return JSONResponse({"ready": ok, "table_loaded": loaded, "endpoints": n},
+                            200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,48 @@
+"""The router's Prometheus metrics (names in DESIGN.md), one registry per app."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+STATES = ("healthy", "ejected", "probing", "probe-due")
+
+
+class RouterMetrics:
+    def __init__(self, rows: Callable[[], list[dict]]):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "edgegen_router_requests", "Requests the router answered, by tier and outcome.",
+            ["tier", "outcome"], registry=self.registry)
+        self.upstream_duration = Histogram(
+            "edgegen_router_upstream_duration_seconds",
+            "Time from sending a request upstream to its last byte, per endpoint.",
+            ["endpoint"], registry=self.registry,
+            buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.retries = Counter("edgegen_router_retries", "Requests sent again to another "
+                               "endpoint after a failure.", registry=self.registry)
+        self.fallbacks = Counter("edgegen_router_fallbacks", "Requests sent to the central tier "
+                                 "because no edge could take them.", registry=self.registry)
+        self.registry.register(_EndpointGauge(rows))
+
+
+class _EndpointGauge:
+    """edgegen_router_endpoints{tier,state}, computed from the table at scrape time."""
+
+    def __init__(self, rows: Callable[[], list[dict]]):
+        self._rows = rows
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        g = GaugeMetricFamily("edgegen_router_endpoints", "Endpoints known, by tier and state.",
+                              labels=["tier", "state"])
+        counts = {(t, s): 0 for t in ("edge", "central") for s in STATES}
+        for row in self._rows():
+            counts[(row["tier"], row["state"])] = counts.get((row["tier"], row["state"]), 0) + 1
+        for (tier, state), n in sorted(counts.items()):
+            g.add_metric([tier, state], n)
+        yield g

@@ -1,0 +1,177 @@
+"""Which endpoint serves a request, and why. Pure: a snapshot in, a decision out.
+
+Given the endpoints from Consul, the request's hints, the router's per-endpoint stats, a
+random source and ``now``, :func:`choose_endpoint` returns a :class:`Decision` naming the
+endpoint and the reason (the ``x-edgegen-route`` header). It opens no connection and reads no
+clock, so every rule below has a table-driven test.
+
+1. Candidates: endpoints of the tier that serve the requested model, not excluded (already
+   tried by this request), not ejected (an ejected endpoint whose backoff is over is a
+   candidate again; choosing it makes the request its probe), not at ``max_concurrency``.
+2. Nearness, in this order of evidence: zone/region hint (same zone, then same region, then
+   the rest), distance from the client's location to the endpoint's lat/lon, Consul's RTT
+   estimate, the router's EWMA of observed latency (unmeasured endpoints rank first, so each
+   gets measured).
+3. Load: the "nearest few" are the best-ranked endpoints whose evidence is within a slack of
+   the best one (at most ``nearest_few``); among them, power of two choices on in-flight.
+4. Fallback: no edge candidate → the central tier, chosen the same way. When every live
+   endpoint is only full (saturation), the nearest full edge (else central) still gets the
+   request: agents queue and answer 429 themselves. Nothing live → no endpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from cloud_router.endpoints import Endpoint
+from cloud_router.geo import great_circle_km
+from cloud_router.stats import EndpointStats
+
+_NO_STATS = EndpointStats()
+
+
+@dataclass(frozen=True)
+class RequestHints:
+    model: str
+    region: str = ""
+    zone: str = ""
+    location: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    nearest_few: int = 2          # how many near endpoints power-of-two-choices picks among
+    slack_ratio: float = 0.25     # "as near as the best": within 25% ...
+    slack_km: float = 100.0       # ... or 100 km of the best by location
+    slack_ms: float = 5.0         # ... or 5 ms of the best by RTT / EWMA
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One candidate as the policy saw it (for `/edgegen/v1/route`)."""
+
+    endpoint_id: str
+    node: str
+    tier: str
+    evidence: str        # region | zone | location | rtt | ewma
+    value: float | str   # the evidence's value: km, ms, region name
+    inflight: int
+    state: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    endpoint: Endpoint | None
+    reason: str                                   # x-edgegen-route
+    probe: bool = False                           # this request decides an ejected endpoint
+    candidates: tuple[Ranked, ...] = ()            # the ranked candidates of the chosen tier
+    skipped: dict[str, str] = field(default_factory=dict)  # endpoint id -> why not a candidate
+
+    @property
+    def tier(self) -> str:
+        return self.endpoint.tier if self.endpoint else ""
+
+
+def choose_endpoint(
+    endpoints: Sequence[Endpoint],
+    hints: RequestHints,
+    stats: Mapping[str, EndpointStats],
+    rng: random.Random,
+    now: float,
+    config: PolicyConfig = PolicyConfig(),
+    exclude: frozenset[str] | set[str] = frozenset(),
+) -> Decision:
+    """The endpoint for one request attempt; ``exclude`` holds the ones this request tried."""
+    skipped: dict[str, str] = {}
+    edges = _candidates(endpoints, "edge", hints, stats, now, exclude, skipped)
+    if edges:
+        return _pick(edges, hints, stats, rng, config, skipped, route=None)
+    central = _candidates(endpoints, "central", hints, stats, now, exclude, skipped)
+    if central:
+        has_edge = any(e.tier == "edge" and e.model == hints.model for e in endpoints)
+        why = "edges-unavailable" if has_edge else "no-edge"
+        return _pick(central, hints, stats, rng, config, skipped, route=f"fallback:central:{why}")
+    # Saturation: every live endpoint is at max_concurrency. The agents queue (and answer 429
+    # when their queue is full), so send it to the nearest of the full edges, else central.
+    for tier in ("edge", "central"):
+        full = [e for e in endpoints if e.tier == tier and skipped.get(e.id) == "full"]
+        if full:
+            return _pick(full, hints, stats, rng, config, skipped, route=f"saturated:{tier}")
+    return Decision(None, "none:no-endpoint", skipped=skipped)
+
+
+def _candidates(endpoints, tier, hints, stats, now, exclude, skipped) -> list[Endpoint]:
+    out = []
+    for e in endpoints:
+        if e.tier != tier or e.model != hints.model:
+            continue
+        s = stats.get(e.id, _NO_STATS)
+        state = s.state(now)
+        if e.id in exclude:
+            skipped[e.id] = "tried"
+        elif state in ("ejected", "probing"):
+            skipped[e.id] = state
+        elif e.max_concurrency and s.inflight >= e.max_concurrency:
+            skipped[e.id] = "full"
+        else:
+            out.append(e)
+    return out
+
+
+def _nearness(e: Endpoint, hints: RequestHints, s: EndpointStats) -> tuple[int, str, float]:
+    """(class, evidence, value): lower is nearer. Class 0/1/2 = same zone/region/other when a
+    hint names them; within a class the best numeric evidence available ranks."""
+    cls = 2
+    if hints.zone and e.zone == hints.zone:
+        cls = 0
+    elif hints.region and e.region == hints.region:
+        cls = 1
+    if not (hints.zone or hints.region):
+        cls = 0
+    if hints.location and e.lat is not None and e.lon is not None:
+        return cls, "location", great_circle_km(*hints.location, e.lat, e.lon)
+    if hints.location:  # a location was given but this endpoint has no coordinates: after those
+        return cls, "location", math.inf
+    if e.rtt_ms is not None:
+        return cls, "rtt", e.rtt_ms
+    return cls, "ewma", s.ewma_ms if s.ewma_ms is not None else 0.0
+
+
+def _pick(cands, hints, stats, rng, config, skipped, route) -> Decision:
+    keyed = sorted(((_nearness(e, hints, stats.get(e.id, _NO_STATS)), e) for e in cands),
+                   key=lambda t: (t[0][0], t[0][2], t[1].id))
+    (best_cls, evidence, best_val), _ = keyed[0]
+    slack = config.slack_km if evidence == "location" else config.slack_ms
+    limit = best_val + max(slack, config.slack_ratio * best_val)
+    near = [e for (cls, _ev, val), e in keyed if cls == best_cls and val <= limit]
+    near = near[: max(1, config.nearest_few)]
+    if len(near) == 1:
+        chosen = near[0]
+    else:  # power of two choices on in-flight requests (the draw itself breaks ties)
+        a, b = (near[i] for i in rng.sample(range(len(near)), 2))
+        chosen = b if _load(b, stats) < _load(a, stats) else a
+    s = stats.get(chosen.id, _NO_STATS)
+    cls, ev, val = next(k for k, e in keyed if e is chosen)
+    if cls == 0 and hints.zone:
+        why = f"zone={chosen.zone}"
+    elif cls <= 1 and hints.region:
+        why = f"region={chosen.region}"
+    elif ev == "location":
+        why = f"location={val:.0f}km" if math.isfinite(val) else "location=unknown"
+    elif ev == "rtt":
+        why = f"rtt={val:.1f}ms"
+    else:
+        why = f"ewma={val:.1f}ms" if s.ewma_ms is not None else "ewma=unmeasured"
+    ranked = tuple(
+        Ranked(e.id, e.node, e.tier, ev_, round(v, 3) if math.isfinite(v) else "unknown",
+               stats.get(e.id, _NO_STATS).inflight, "candidate")
+        for (_c, ev_, v), e in keyed)
+    return Decision(chosen, route or f"nearest:{why}", probe=s.ejected_until is not None,
+                    candidates=ranked, skipped=skipped)
+
+
+def _load(e: Endpoint, stats) -> int:
+    return stats.get(e.id, _NO_STATS).inflight

@@ -1,0 +1,26 @@
+"""Everything a router process is configured with; built by `edgegen router` from its flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cloud_router.forwarding import ForwardConfig
+from cloud_router.policy import PolicyConfig
+from cloud_router.stats import EjectionConfig
+
+EDGE_SERVICE = "edgegen-edge"
+CENTRAL_SERVICE = "edgegen-central"
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    consul: str = "http://127.0.0.1:8500"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    region: str = ""                   # default region hint for requests that carry none
+    api_keys: frozenset[str] = frozenset()  # empty: no authentication
+    near: str | None = None            # Consul node name for `near=` (RTT ranking), if any
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    ejection: EjectionConfig = field(default_factory=EjectionConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
+    retry_budget_ratio: float = 0.2

@@ -1,0 +1,149 @@
+"""What the router has learned about each endpoint by talking to it, and its retry budget.
+
+Mutable state, but no clock and no I/O: every method takes ``now`` (seconds, monotonic), so
+the ejection and budget rules are tested on plain numbers. The forwarder feeds it outcomes;
+the policy reads a snapshot of it.
+
+Outlier ejection follows Envoy's: ``consecutive_failures`` failures in a row eject an endpoint
+for a backoff that doubles with each ejection (capped); when the backoff is over, the next
+request that the policy sends there is the single probe, and its outcome decides (success
+brings it back, failure ejects it again for longer). Ejections never take more than
+``max_ejection_share`` of a tier out of service (at least one endpoint may always be ejected).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EjectionConfig:
+    consecutive_failures: int = 3
+    base_backoff_s: float = 5.0
+    max_backoff_s: float = 60.0
+    max_ejection_share: float = 0.5
+
+
+@dataclass
+class EndpointStats:
+    inflight: int = 0
+    ewma_ms: float | None = None        # latency to response headers, smoothed
+    consecutive_failures: int = 0
+    ejected_until: float | None = None  # set while ejected (including while being probed)
+    probe_inflight: bool = False
+    ejections: int = 0                  # total, for the table
+    backoff_level: int = 0              # ejections since the last success; sets the backoff
+    requests: int = 0
+    failures: int = 0
+
+    def state(self, now: float) -> str:
+        """healthy | ejected | probing | probe-due."""
+        if self.ejected_until is None:
+            return "healthy"
+        if self.probe_inflight:
+            return "probing"
+        return "ejected" if now < self.ejected_until else "probe-due"
+
+
+class StatsBook:
+    """Per-endpoint stats keyed by endpoint id."""
+
+    def __init__(self, ejection: EjectionConfig = EjectionConfig(), ewma_alpha: float = 0.3):
+        self.ejection = ejection
+        self.alpha = ewma_alpha
+        self._stats: dict[str, EndpointStats] = {}
+
+    def get(self, endpoint_id: str) -> EndpointStats:
+        return self._stats.setdefault(endpoint_id, EndpointStats())
+
+    def snapshot(self) -> dict[str, EndpointStats]:
+        return self._stats
+
+    def forget_except(self, ids: set[str]) -> None:
+        """Drop endpoints that left the table (keeps those with requests still in flight)."""
+        for key in [k for k, s in self._stats.items() if k not in ids and s.inflight == 0]:
+            del self._stats[key]
+
+    def started(self, endpoint_id: str, probe: bool = False) -> None:
+        s = self.get(endpoint_id)
+        s.inflight += 1
+        s.requests += 1
+        if probe:
+            s.probe_inflight = True
+
+    def finished(self, endpoint_id: str) -> None:
+        s = self.get(endpoint_id)
+        s.inflight = max(0, s.inflight - 1)
+
+    def succeeded(self, endpoint_id: str, latency_ms: float) -> None:
+        s = self.get(endpoint_id)
+        s.ewma_ms = latency_ms if s.ewma_ms is None else (
+            self.alpha * latency_ms + (1 - self.alpha) * s.ewma_ms)
+        s.consecutive_failures = 0
+        s.ejected_until = None
+        s.probe_inflight = False
+        s.backoff_level = 0
+
+    def answered(self, endpoint_id: str) -> None:
+        """It answered, if only to say it is busy (429): alive, but no latency sample."""
+        s = self.get(endpoint_id)
+        s.consecutive_failures = 0
+        s.ejected_until = None
+        s.probe_inflight = False
+        s.backoff_level = 0
+
+    def failed(self, endpoint_id: str, now: float, tier_ids: list[str]) -> bool:
+        """Count a failure; returns True when this failure ejected the endpoint."""
+        s = self.get(endpoint_id)
+        s.failures += 1
+        s.consecutive_failures += 1
+        was_probe = s.probe_inflight
+        s.probe_inflight = False
+        if not was_probe and (s.ejected_until is not None
+                              or s.consecutive_failures < self.ejection.consecutive_failures):
+            return False
+        if not was_probe and not self._may_eject(now, tier_ids):
+            return False
+        backoff = min(self.ejection.max_backoff_s,
+                      self.ejection.base_backoff_s * 2 ** s.backoff_level)
+        s.ejected_until = now + backoff
+        s.ejections += 1
+        s.backoff_level += 1
+        return True
+
+    def _may_eject(self, now: float, tier_ids: list[str]) -> bool:
+        ejected = sum(1 for i in tier_ids if i in self._stats
+                      and self._stats[i].ejected_until is not None)
+        allowed = max(1, int(self.ejection.max_ejection_share * len(tier_ids)))
+        return ejected + 1 <= allowed
+
+
+@dataclass
+class RetryBudget:
+    """Retries may be at most ``ratio`` of the requests of the last ``window_s`` seconds (plus
+    ``min_retries`` so a quiet router can still retry), so that in an outage retries cannot
+    multiply the load on what is left (Envoy's retry budget, Finagle's RetryBudget)."""
+
+    ratio: float = 0.2
+    min_retries: int = 5
+    window_s: float = 10.0
+    _requests: deque = field(default_factory=deque)
+    _retries: deque = field(default_factory=deque)
+
+    def _trim(self, now: float) -> None:
+        for q in (self._requests, self._retries):
+            while q and q[0] <= now - self.window_s:
+                q.popleft()
+
+    def request(self, now: float) -> None:
+        self._trim(now)
+        self._requests.append(now)
+
+    def try_retry(self, now: float) -> bool:
+        """Spend one retry if the budget allows it."""
+        self._trim(now)
+        if len(self._retries) >= self.min_retries + self.ratio * len(self._requests):
+            return False
+        self._retries.append(now)
+        return True

@@ -1,0 +1,162 @@
+"""Small real upstreams for the router's tests: FastAPI apps served by uvicorn on free ports,
+each behaving as told (answer, fail, stream, break), and the router itself on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from cloud_router.app import build_app
+from cloud_router.endpoints import Endpoint
+from cloud_router.settings import RouterSettings
+from tests.support.procs import free_port, wait_http
+
+
+class ServerThread:
+    """A uvicorn server for ``app`` on 127.0.0.1:<free port>, in a daemon thread."""
+
+    def __init__(self, app, port: int | None = None):
+        self.port = port or free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                   log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@dataclass
+class Upstream:
+    """A fake agent. ``mode``: ok | 500 | 429 | break (stream breaks after 2 events)."""
+
+    node: str
+    tier: str = "edge"
+    region: str = ""
+    model: str = "tiny"
+    mode: str = "ok"
+    max_concurrency: int = 0
+    hits: int = 0
+    streams: dict = field(default_factory=dict)   # request id -> "completed" | "cancelled"
+    server: ServerThread | None = None
+
+    @property
+    def endpoint(self) -> Endpoint:
+        service = "edgegen-edge" if self.tier == "edge" else "edgegen-central"
+        return Endpoint(id=f"{service}-{self.node}-{self.server.port}", service=service,
+                        node=self.node, address="127.0.0.1", port=self.server.port,
+                        tier=self.tier, model=self.model, region=self.region,
+                        max_concurrency=self.max_concurrency)
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            self.hits += 1
+            body = await request.json()
+            headers = {"x-edgegen-node": self.node, "x-edgegen-tier": self.tier}
+            if self.mode == "500":
+                return JSONResponse({"error": {"message": "boom", "type": "server_error",
+                                               "param": None, "code": None}}, 500, headers)
+            if self.mode == "429":
+                return JSONResponse({"error": {"message": "busy", "type": "rate_limit",
+                                               "param": None, "code": None}}, 429,
+                                    {**headers, "retry-after": "1"})
+            if body.get("model") != self.model:
+                return JSONResponse({"error": {"message": "unknown model", "type":
+                                               "invalid_request_error", "param": "model",
+                                               "code": "model_not_found"}}, 404, headers)
+            if not body.get("stream"):
+                return JSONResponse({"id": "c1", "object": "chat.completion", "model":
+                                     self.model, "node": self.node, "choices": [{
+                                         "index": 0, "finish_reason": "stop", "message": {
+                                             "role": "assistant", "content": "hi"}}]},
+                                    headers=headers)
+            n = int(body.get("max_tokens") or 5)
+            delay = float(body.get("delay", 0.0))
+            rid = body.get("user") or f"r{self.hits}"
+            mode = self.mode
+
+            async def events():
+                self.streams[rid] = "started"
+                try:
+                    for i in range(n):
+                        if mode == "break" and i == 2:
+                            raise RuntimeError("the agent died mid-stream")
+                        chunk = {"id": rid, "object": "chat.completion.chunk", "model":
+                                 self.model, "choices": [{"index": 0, "delta": {
+                                     "content": f"t{i} "}, "finish_reason": None}]}
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                        if await request.is_disconnected():
+                            self.streams[rid] = "cancelled"
+                            return
+                        await asyncio.sleep(delay)
+                    done = {"id": rid, "object": "chat.completion.chunk", "model": self.model,
+                            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                    yield f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n"
+                    self.streams[rid] = "completed"
+                except asyncio.CancelledError:
+                    self.streams[rid] = "cancelled"
+                    raise
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+        return app
+
+
+@pytest.fixture(scope="module")
+def upstreams():
+    ups = {
+        "eu": Upstream("eu-1", region="eu-west"),
+        "eu2": Upstream("eu-2", region="eu-west"),
+        "us": Upstream("us-1", region="us-east"),
+        "central": Upstream("gpu-1", tier="central", region="eu-central"),
+    }
+    for u in ups.values():
+        u.server = ServerThread(u.app())
+    yield ups
+    for u in ups.values():
+        u.server.stop()
+
+
+@pytest.fixture
+def fleet(upstreams):
+    """The endpoint list the router reads (tests edit it); upstreams reset to healthy."""
+    for u in upstreams.values():
+        u.mode, u.hits = "ok", 0
+        u.streams.clear()
+    return [u.endpoint for u in upstreams.values()]
+
+
+def start_router(fleet: list[Endpoint], **settings) -> ServerThread:
+    app = build_app(RouterSettings(**settings), [lambda: list(fleet)])
+    router = ServerThread(app)
+    wait_http(router.url + "/healthz")
+    router.app = app
+    return router
+
+
+@pytest.fixture
+def router(fleet):
+    r = start_router(fleet)
+    yield r
+    r.stop()

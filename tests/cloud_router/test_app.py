@@ -1,0 +1,169 @@
+"""The router's own HTTP surface over a real socket: errors, tables, explanations, metrics,
+API keys, and the `edgegen router` command."""
+
+import logging
+import subprocess
+import sys
+
+import httpx
+import yaml
+from typer.testing import CliRunner
+
+from cli.main import app as cli_app
+from cloud_router.endpoints import Endpoint
+from cloud_router.traefik import traefik_config
+from tests.cloud_router.router_support import (  # noqa: F401 (fixtures)
+    fleet, router, start_router, upstreams)
+from tests.support.procs import REPO, free_port, wait_http
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_client_mistakes_get_openai_shaped_4xx(router):
+    url = router.url + "/v1/chat/completions"
+    r = httpx.post(url, json={**CHAT, "model": "gpt-9"})
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+    assert "gpt-9" in err["message"] and "tiny" in err["message"]  # lists the known ones
+    r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(url, json={"messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = httpx.post(url, json=CHAT, headers={"x-edgegen-location": "north pole"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-edgegen-location"
+    r = httpx.post(url, json=CHAT, headers={"x-edgegen-location": "91,0"})
+    assert r.status_code == 400 and "latitude" in r.json()["error"]["message"]
+    r = httpx.get(router.url + "/edgegen/v1/route")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+def test_models_is_the_union_of_healthy_endpoints(fleet, upstreams):
+    other = Endpoint(id="edgegen-edge-x-1", service="edgegen-edge", node="x",
+                     address="127.0.0.1", port=1, model="bigger")
+    fleet.append(other)
+    r = start_router(fleet)
+    try:
+        body = httpx.get(r.url + "/v1/models").json()
+        assert body["object"] == "list"
+        assert [m["id"] for m in body["data"]] == ["bigger", "tiny"]
+    finally:
+        r.stop()
+
+
+def test_endpoint_table_and_route_explanation(router, upstreams):
+    httpx.post(router.url + "/v1/chat/completions", json=CHAT,
+               headers={"x-edgegen-region": "us-east"})
+    rows = httpx.get(router.url + "/edgegen/v1/endpoints").json()["endpoints"]
+    assert [r["tier"] for r in rows] == ["edge", "edge", "edge", "central"]
+    us = next(r for r in rows if r["node"] == "us-1")
+    assert us["state"] == "healthy" and us["requests"] == 1 and us["ewma_ms"] > 0
+    assert us["inflight"] == 0 and us["ejections"] == 0
+    explain = httpx.get(router.url + "/edgegen/v1/route", params={
+        "model": "tiny", "region": "eu-west", "location": "48.8,2.3"}).json()
+    assert explain["endpoint"]["node"] in {"eu-1", "eu-2"}
+    assert explain["reason"] == "nearest:region=eu-west"
+    assert explain["hints"]["location"] == [48.8, 2.3]
+    assert {c["node"] for c in explain["candidates"]} == {"eu-1", "eu-2", "us-1"}
+    assert httpx.get(router.url + "/edgegen/v1/route",
+                     params={"model": "nope"}).status_code == 404
+
+
+def test_router_region_is_the_default_hint(fleet, upstreams):
+    r = start_router(fleet, region="us-east")
+    try:
+        resp = httpx.post(r.url + "/v1/chat/completions", json=CHAT)
+        assert resp.headers["x-edgegen-node"] == "us-1"
+        resp = httpx.post(r.url + "/v1/chat/completions", json=CHAT,
+                          headers={"x-edgegen-region": "eu-west"})
+        assert resp.headers["x-edgegen-node"] in {"eu-1", "eu-2"}
+    finally:
+        r.stop()
+
+
+def test_health_readiness_and_metrics(router, fleet):
+    assert httpx.get(router.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(router.url + "/readyz").status_code == 200
+    httpx.post(router.url + "/v1/chat/completions", json=CHAT)
+    text = httpx.get(router.url + "/metrics").text
+    for name in ('edgegen_router_requests_total{outcome="ok",tier="edge"} 1.0',
+                 "edgegen_router_upstream_duration_seconds_bucket{endpoint=",
+                 "edgegen_router_retries_total 0.0", "edgegen_router_fallbacks_total 0.0",
+                 'edgegen_router_endpoints{state="healthy",tier="edge"} 3.0',
+                 'edgegen_router_endpoints{state="healthy",tier="central"} 1.0'):
+        assert name in text, name
+    fleet.clear()
+    r = httpx.get(router.url + "/readyz")
+    assert r.status_code == 503 and r.json()["endpoints"] == 0
+
+
+def test_api_keys(fleet, caplog):
+    caplog.set_level(logging.DEBUG)
+    r = start_router(fleet, api_keys=frozenset({"sk-edge-123"}))
+    try:
+        url = r.url + "/v1/chat/completions"
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "sk-edge-123"}):
+            resp = httpx.post(url, json=CHAT, headers=headers)
+            assert resp.status_code == 401, headers
+            assert resp.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(r.url + "/v1/models").status_code == 401
+        assert httpx.get(r.url + "/edgegen/v1/endpoints").status_code == 401
+        ok = httpx.post(url, json=CHAT, headers={"authorization": "Bearer sk-edge-123"})
+        assert ok.status_code == 200
+        assert httpx.get(r.url + "/healthz").status_code == 200
+        assert httpx.get(r.url + "/metrics").status_code == 200
+    finally:
+        r.stop()
+    assert "sk-edge-123" not in caplog.text
+
+
+def test_traefik_config_for_a_fleet(fleet):
+    cfg = traefik_config(fleet)["http"]
+    services, routers = cfg["services"], cfg["routers"]
+    assert [s["url"] for s in services["edgegen-edge-eu-west"]["loadBalancer"]["servers"]] \
+        == [e.url for e in fleet if e.region == "eu-west"]
+    assert services["edgegen-edge-eu-west"]["loadBalancer"]["healthCheck"]["path"] == "/readyz"
+    assert {s["name"]: s["weight"] for s in services["edgegen-edge"]["weighted"]["services"]} \
+        == {"edgegen-edge-eu-west": 2, "edgegen-edge-us-east": 1}
+    assert services["edgegen-fleet"]["failover"] == {
+        "service": "edgegen-edge", "fallback": "edgegen-central", "healthCheck": {}}
+    assert routers["edgegen"]["service"] == "edgegen-fleet"
+    assert routers["edgegen-region-us-east"]["rule"].endswith(
+        "Header(`x-edgegen-region`, `us-east`)")
+    assert cfg["middlewares"]["edgegen-retry"]["retry"]["attempts"] == 3
+    for r in routers.values():
+        assert r["service"] in services and r["middlewares"] == ["edgegen-retry"]
+
+
+def test_cli_help_and_a_bad_api_key_file(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli_app, ["router", "--help"])
+    assert result.exit_code == 0 and "--consul" in result.output
+    assert "traefik-config" in result.output
+    empty = tmp_path / "keys"
+    empty.write_text("# no keys yet\n")
+    r = subprocess.run([sys.executable, "-m", "cli.main", "router", "--api-keys", str(empty),
+                        "--port", str(free_port())], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "holds no key" in r.stderr
+
+
+def test_traefik_config_command_reads_the_registry(tmp_path):
+    from tests.cloud_router.registry_support import start_registry
+
+    registry, consul = start_registry(tmp_path)
+    try:
+        edge = {"ID": "edgegen-edge-a-9001", "Name": "edgegen-edge", "Address": "127.0.0.1",
+                "Port": 9001, "Meta": {"node": "a", "region": "eu-west", "tier": "edge",
+                                       "model": "tiny"}}
+        assert httpx.put(consul + "/v1/agent/service/register", json=edge).status_code == 200
+        out = tmp_path / "traefik.yaml"
+        r = subprocess.run([sys.executable, "-m", "cli.main", "router", "traefik-config",
+                            "--consul", consul, "-o", str(out)], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        cfg = yaml.safe_load(out.read_text())["http"]
+        servers = cfg["services"]["edgegen-edge-eu-west"]["loadBalancer"]["servers"]
+        assert servers == [{"url": "http://127.0.0.1:9001"}]
+    finally:
+        registry.stop()
