@@ -1,7 +1,63 @@
-"""`edgegen mqtt` (placeholder until its issue lands: registers nothing)."""
+"""`edgegen mqtt`: talk to edge agents over MQTT the way a device would."""
+
+from __future__ import annotations
+
+import sys
 
 import typer
+from rich.console import Console
+
+mqtt_app = typer.Typer(help="Talk to edge agents over MQTT, as a device would.",
+                       no_args_is_help=True)
+err = Console(stderr=True, highlight=False)
+
+
+@mqtt_app.command("chat")
+def chat(
+    prompt: str = typer.Argument(..., help="The user message."),
+    broker: str = typer.Option(..., "--broker", envvar="EDGEGEN_MQTT_BROKER",
+                               help="mqtt\\[s]://\\[user:pass@]host:port of the edge's broker."),
+    node: str = typer.Option(None, "--node", help="Ask this node (default: any agent on the "
+                             "broker, through the shared subscription)."),
+    system: str = typer.Option(None, "--system", help="A system message first."),
+    model: str = typer.Option(None, "--model", help="Model name (default: the agent's)."),
+    max_tokens: int = typer.Option(None, "--max-tokens", min=1),
+    temperature: float = typer.Option(None, "--temperature", min=0.0),
+    stream: bool = typer.Option(True, "--stream/--no-stream",
+                                help="Print tokens as they arrive, or the whole answer at once."),
+    v311: bool = typer.Option(False, "--v311", help="Speak MQTT 3.1.1 (reply route in the "
+                              "JSON body) instead of v5."),
+    ca_file: str = typer.Option(None, "--ca-file", help="CA certificate for mqtts://."),
+    timeout: float = typer.Option(120.0, "--timeout", min=0.1,
+                                  help="Seconds to wait for each reply message."),
+    show_usage: bool = typer.Option(False, "--usage", help="Print token usage at the end."),
+) -> None:
+    """Send one chat request over MQTT and print the answer as it streams in."""
+    from edge_agent.mqtt_client import MqttChatClient
+    from edge_agent.mqtt_protocol import answer_text
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}]
+    body: dict = {"messages": messages, "stream": stream}
+    for key, value in (("model", model), ("max_tokens", max_tokens),
+                       ("temperature", temperature)):
+        if value is not None:
+            body[key] = value
+    usage = None
+    with MqttChatClient(broker, ca_file=ca_file, v311=v311) as client:
+        try:
+            for reply in client.chat(body, node=node, timeout=timeout):
+                sys.stdout.write(answer_text(reply))
+                sys.stdout.flush()
+                usage = reply.get("usage") or usage
+        finally:            # end the answer's line, also before an error is printed
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    if show_usage and usage:
+        err.print(f"[dim]usage: {usage.get('prompt_tokens')} prompt + "
+                  f"{usage.get('completion_tokens')} completion tokens[/]")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `edgegen` app."""
+    app.add_typer(mqtt_app, name="mqtt")

@@ -1,0 +1,184 @@
+"""The MQTT contract's pure parts on plain data: broker URLs, request parsing and reply routes,
+chunk merging and coalescing."""
+
+import json
+
+import pytest
+
+from edge_agent.errors import MqttConfigError
+from edge_agent.mqtt_protocol import (
+    ChatRequest,
+    ChunkCoalescer,
+    FirstSeen,
+    RejectedRequest,
+    ReplyRoute,
+    is_final,
+    merge_chunks,
+    parse_broker_url,
+    parse_request,
+    reply_bytes,
+    request_topic,
+    shared_subscription,
+)
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_topics_follow_the_contract():
+    assert request_topic("n1") == "edgegen/v1/n1/chat"
+    assert request_topic(None) == "edgegen/v1/any/chat"
+    assert shared_subscription() == "$share/edgegen/edgegen/v1/any/chat"
+
+
+@pytest.mark.parametrize("url, host, port, tls, user, password", [
+    ("mqtt://127.0.0.1:1884", "127.0.0.1", 1884, False, None, None),
+    ("mqtt://broker", "broker", 1883, False, None, None),
+    ("mqtts://broker", "broker", 8883, True, None, None),
+    ("mqtts://dev%40x:p%3Ass@b:8884/", "b", 8884, True, "dev@x", "p:ss"),
+])
+def test_broker_urls(url, host, port, tls, user, password):
+    b = parse_broker_url(url)
+    assert (b.host, b.port, b.tls, b.username, b.password) == (host, port, tls, user, password)
+    assert "ss" not in b.redacted() and "pass" not in repr(b)
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("http://broker:1883", "scheme"),
+    ("mqtt://:1883", "no host"),
+    ("mqtt://broker:99999", "bad MQTT broker URL"),
+    ("mqtt://broker/topic", "no path"),
+])
+def test_bad_broker_urls_name_the_problem(url, problem):
+    with pytest.raises(MqttConfigError, match=problem):
+        parse_broker_url(url)
+
+
+def parse(payload, **kw):
+    return parse_request(payload, max_payload=kw.pop("max_payload", 1000), **kw)
+
+
+def test_v5_route_comes_from_the_properties():
+    r = parse(json.dumps(GOOD).encode(), response_topic="r/1", correlation_data=b"\x00id")
+    assert r == ChatRequest(GOOD, ReplyRoute("r/1", b"\x00id"))
+
+
+def test_v311_route_comes_from_the_body_and_is_removed_from_it():
+    r = parse(json.dumps({**GOOD, "reply_to": "r/2", "correlation_id": 7}).encode())
+    assert r == ChatRequest(GOOD, ReplyRoute("r/2", 7, in_body=True))
+
+
+def test_v5_properties_win_over_body_fields():
+    r = parse(json.dumps({**GOOD, "reply_to": "r/2"}).encode(), response_topic="r/1")
+    assert r.reply == ReplyRoute("r/1", None) and "reply_to" not in r.body
+
+
+def test_no_route_is_a_request_with_no_reply():
+    assert parse(json.dumps(GOOD).encode()) == ChatRequest(GOOD, None)
+
+
+@pytest.mark.parametrize("payload, code", [
+    (b"{not json", "invalid_json"),
+    (b"\xff\xfe{}", "invalid_utf8"),
+    (b"[1, 2]", "not_a_chat_request"),
+    (b'"hello"', "not_a_chat_request"),
+    (b'{"prompt": "hi"}', "not_a_chat_request"),
+    (b'{"messages": "hi"}', "not_a_chat_request"),
+    (b"[" * 100_000, "invalid_json"),
+    (b"x" * 1001, "payload_too_large"),
+])
+def test_bad_payloads_are_rejected_with_a_code_and_keep_the_v5_route(payload, code):
+    r = parse(payload, max_payload=1000 if code == "payload_too_large" else 10**6,
+              response_topic="r/1", correlation_data=b"c")
+    assert isinstance(r, RejectedRequest)
+    assert r.code == code and r.reply == ReplyRoute("r/1", b"c")
+    assert r.error["error"]["code"] == code and r.error["error"]["message"]
+    assert r.error["error"]["type"] == "invalid_request_error"
+
+
+def test_bad_v311_body_keeps_its_route():
+    r = parse(json.dumps({"reply_to": "r/9", "correlation_id": "a", "prompt": "x"}).encode())
+    assert isinstance(r, RejectedRequest) and r.reply == ReplyRoute("r/9", "a", in_body=True)
+
+
+@pytest.mark.parametrize("reply_to", ["r/+", "r/#", "", 5, None])
+def test_unusable_reply_to_means_no_route(reply_to):
+    r = parse(json.dumps({**GOOD, "reply_to": reply_to}).encode())
+    assert isinstance(r, RejectedRequest) and r.reply is None and r.code == "invalid_reply_to"
+
+
+def test_reply_bytes_echo_the_correlation_only_for_body_routes():
+    msg = {"object": "chat.completion"}
+    assert json.loads(reply_bytes(msg, ReplyRoute("t", "c1", in_body=True))) == {
+        **msg, "correlation_id": "c1"}
+    assert json.loads(reply_bytes(msg, ReplyRoute("t", b"c1"))) == msg
+
+
+def chunk(content=None, finish=None, role=None, usage=None, choices=True):
+    delta = {}
+    if role:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    out = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def test_merge_concatenates_content_and_keeps_role_and_finish():
+    m = merge_chunks([chunk("", role="assistant"), chunk("Hel"), chunk("lo"),
+                      chunk(finish="stop"), chunk(choices=False, usage={"total_tokens": 5})])
+    assert m["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": "Hello"},
+                             "finish_reason": "stop"}]
+    assert m["usage"] == {"total_tokens": 5} and m["id"] == "c"
+
+
+def test_coalescer_sends_the_first_text_at_once_then_by_token_count():
+    c = ChunkCoalescer(max_tokens=3, max_delay=10)
+    assert c.add(chunk("", role="assistant"), now=0.0) is None    # no text yet: wait
+    out = [c.add(chunk(t), now=0.0) for t in "abcdefgh"]
+    sent = [m["choices"][0]["delta"]["content"] for m in out if m]
+    assert sent == ["a", "bcd", "efg"]
+    assert out[0]["choices"][0]["delta"]["role"] == "assistant"
+    final = c.finish()
+    assert final["choices"][0]["delta"]["content"] == "h" and is_final(final)
+
+
+def test_coalescer_flushes_by_age_of_the_oldest_chunk():
+    c = ChunkCoalescer(max_tokens=100, max_delay=0.05)
+    assert c.add(chunk("first"), now=0.0) is not None
+    assert c.add(chunk("a"), now=1.0) is None
+    assert c.deadline() == pytest.approx(1.05)
+    assert not c.due(1.04) and c.due(1.05)
+    m = c.add(chunk("b"), now=1.06)
+    assert m["choices"][0]["delta"]["content"] == "ab" and c.deadline() is None
+
+
+def test_coalescer_holds_everything_from_finish_reason_to_one_final_message():
+    c = ChunkCoalescer(max_tokens=1, max_delay=0)
+    assert c.add(chunk("a"), 0.0) is not None
+    assert c.add(chunk("a2"), 0.0) is not None
+    assert c.add(chunk("b", finish="stop"), 0.0) is None
+    assert c.deadline() is None
+    assert c.add(chunk(choices=False, usage={"completion_tokens": 2}), 5.0) is None
+    final = c.finish()
+    assert final["choices"][0]["finish_reason"] == "stop"
+    assert final["usage"] == {"completion_tokens": 2}
+    assert is_final(final) and not is_final(chunk("x"))
+
+
+def test_coalescer_final_without_pending_chunks_still_carries_usage():
+    c = ChunkCoalescer(max_tokens=1, max_delay=0)
+    c.add(chunk("a"), 0.0)
+    final = c.finish()
+    assert final == {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                     "choices": [], "usage": {}}
+    assert ChunkCoalescer(1, 0).finish() is None
+
+
+def test_first_seen_is_bounded():
+    seen = FirstSeen(capacity=2)
+    assert seen.first("a") and not seen.first("a")
+    assert seen.first("b") and seen.first("c")      # "a" forgotten
+    assert seen.first("a")
