@@ -123,7 +123,8 @@ class Fleet:
         say(f"registry  {self.registry_url}")
         if o.mqtt_port:
             conf = self.workdir / "mosquitto.conf"
-            conf.write_text(mosquitto_conf(o.mqtt_port).replace(
+            (self.workdir / "mosquitto").mkdir(exist_ok=True)
+            conf.write_text(mosquitto_conf(o.mqtt_port, f"{self.workdir / 'mosquitto'}/").replace(
                 f"listener {o.mqtt_port}", f"listener {o.mqtt_port} 127.0.0.1"))
             self._spawn("mosquitto", [find_mosquitto(), "-c", str(conf)])
             self._wait_tcp("mosquitto", o.mqtt_port, 30)

@@ -154,11 +154,16 @@ def consul_url(cfg: DeployConfig) -> str:
     return cfg.consul_address or f"http://$(HOST_IP):{CONSUL_PORT}"
 
 
-def mosquitto_conf(port: int = MQTT_PORT) -> str:
-    """Mosquitto's configuration for an edge broker (also written by `edgegen up`)."""
+def mosquitto_conf(port: int = MQTT_PORT, data_dir: str = "/mosquitto/data/") -> str:
+    """Mosquitto's configuration for an edge broker (also written by `edgegen up`).
+
+    Persistence keeps the agents' sessions (and replies queued for them) across a broker
+    restart; TCP_NODELAY stops Nagle from holding each streamed chunk back ~40 ms.
+    """
     return (
         f"# edgegen edge broker\nlistener {port}\nallow_anonymous true\n"
-        "persistence false\nmax_inflight_messages 100\nlog_dest stderr\n"
+        f"persistence true\npersistence_location {data_dir}\nautosave_interval 30\n"
+        "set_tcp_nodelay true\nmax_inflight_messages 100\nlog_dest stderr\n"
     )
 
 
