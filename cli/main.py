@@ -79,14 +79,20 @@ def run() -> None:
     except Exception as exc:  # noqa: BLE001 - the CLI boundary
         import click
 
-        if isinstance(exc, click.ClickException):
+        # typer 0.29 vendors click (typer._click): its usage errors are TyperExceptions.
+        if isinstance(exc, (click.ClickException, typer.TyperException)) and hasattr(exc, "show"):
             exc.show()
             sys.exit(exc.exit_code)
         if os.environ.get("EDGEGEN_DEBUG") or not isinstance(exc, _known_errors()):
             raise
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        # escape: messages quote user input and lists ("['LlamaForCausalLM']", "edgegen[gpu]")
+        # that rich would otherwise read as markup; soft_wrap keeps the error on one line.
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True
+        )
         sys.exit(1)
 
 

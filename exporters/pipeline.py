@@ -1,0 +1,328 @@
+"""`export_model`: from a source to a validated, quantized bundle in the store.
+
+The order is chosen so that every mistake the user can make fails before any slow work:
+options and the machine first, then the store, then the source, then the model's limits.
+The bundle is assembled in a staging directory inside the store and renamed into place only
+after validation and the quality gate pass, so an error or an interruption leaves no bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from edge_agent.bundle import Bundle, default_store, staging_dir, write_bundle
+from exporters import gate, genai, optimum_export, quantize, validation
+from exporters.errors import (
+    ExportError,
+    ExportOptionError,
+    QualityGateFailed,
+    StoreError,
+    UnsupportedModel,
+    ValidationFailed,
+)
+from exporters.sources import Source, cache_root, resolve_source
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+TASKS = ("text-generation", "feature-extraction")
+EXPORTERS = ("genai", "optimum")
+DEVICES = ("cpu", "cuda")
+# Capped so that the default KV cache of a long-context model fits a small edge device;
+# --context-length raises it up to the model's own maximum.
+DEFAULT_MAX_CONTEXT = 2048
+Progress = Callable[[str], None]
+
+
+def export_model(
+    source: str,
+    *,
+    name: str | None = None,
+    precision: str | None = None,
+    task: str | None = None,
+    store: str | os.PathLike | None = None,
+    context_length: int | None = None,
+    device: str = "cpu",
+    exporter: str | None = None,
+    trt: bool = False,
+    max_ppl_increase_pct: float = gate.DEFAULT_MAX_PPL_INCREASE_PCT,
+    force: bool = False,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> Bundle:
+    """Export ``source`` into ``store`` and return the sealed bundle.
+
+    ``precision`` defaults to int4 for text generation and fp32 for embeddings; ``exporter``
+    (genai | optimum) defaults to genai where its builder supports the architecture.
+    Raises :class:`exporters.errors.ExportError` subclasses, each with a one-line message.
+    """
+    step = progress or (lambda _msg: None)
+    check_options(precision=precision, task=task, device=device, exporter=exporter, trt=trt,
+                  context_length=context_length)
+    check_device(precision=precision, device=device, trt=trt)
+    store = Path(store) if store is not None else default_store()
+    staging = _make_staging(store)
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=store))
+    try:
+        step("reading the source")
+        src = resolve_source(source)
+        config = src.config()
+        task = task or infer_task(config)
+        precision = precision or ("int4" if task == "text-generation" else "fp32")
+        ctx = resolve_context_length(config, context_length)
+        path, tried = choose_exporter(config, task, precision, exporter)
+        threads = threads or os.cpu_count() or 1
+        started = time.monotonic()
+        step(f"building the {precision} graph with the {path} exporter")
+        if path == "genai":
+            genai.build(src.hf_dir, staging, precision=precision,
+                        device="cuda" if trt or device == "cuda" else "cpu",
+                        context_length=ctx, threads=threads, cache_dir=work / "genai-cache")
+        else:
+            _optimum(src, staging, work, task=task, precision=precision, step=step)
+        _finish_side_files(src, staging)
+        build_s = time.monotonic() - started
+        step("validating against the PyTorch fp32 reference")
+        from exporters.onnx_graph import Graph
+        from exporters.reference import load_reference
+
+        graph = Graph(staging / "model.onnx", threads=threads)
+        signature = graph.signature(config, staging / "model.onnx")
+        ref = load_reference(src.hf_dir, task)
+        pooling = pooling_for(src.hf_dir) if task == "feature-extraction" else None
+        if task == "text-generation":
+            figures = validation.validate_causal(graph, ref, signature, ctx)
+        else:
+            figures = validation.validate_encoder(graph, ref, pooling)
+        del graph
+        check_fp32_parity(precision, figures)
+        decision = gate.judge(figures, max_ppl_increase_pct)
+        if not decision.passed and not force:
+            raise QualityGateFailed(
+                f"{precision} export refused by the quality gate: {decision.reason} "
+                f"(raise --max-ppl-increase or pass --force to write it anyway)"
+            )
+        figures["gate"] = decision.as_manifest(max_ppl_increase_pct, force)
+        step("writing the bundle")
+        manifest = {
+            "name": name or src.default_name,
+            "task": task,
+            "runtime": "onnxruntime-genai" if path == "genai" else "onnxruntime",
+            "exporter": path,
+            "exporters_tried": tried,
+            "source": src.as_manifest(),
+            "precision": precision,
+            "device": device,
+            "signature": signature,
+            "generation": generation_ids(src.hf_dir, config),
+            "chat_template": "chat_template.jinja"
+            if (staging / "chat_template.jinja").is_file() else None,
+            "context_length": ctx,
+            "validation": figures,
+            "export_seconds": round(build_s, 1),
+        }
+        if pooling:
+            manifest["pooling"] = pooling
+        try:
+            bundle = write_bundle(staging, manifest, store)
+        except OSError as exc:
+            raise StoreError(f"cannot write the bundle into {store}: {exc}") from exc
+        log.info("bundle written", extra={"path": str(bundle.path), "digest": bundle.digest})
+        return bundle
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# -- decisions on plain data -------------------------------------------------------------
+
+def check_options(*, precision: str | None, task: str | None, device: str,
+                  exporter: str | None, trt: bool, context_length: int | None) -> None:
+    """Reject option values that no model could satisfy."""
+    for label, value, allowed in (("precision", precision, PRECISIONS), ("task", task, TASKS),
+                                  ("device", device, DEVICES),
+                                  ("exporter", exporter, EXPORTERS)):
+        if value is not None and value not in allowed:
+            raise ExportOptionError(f"--{label} {value!r} is not one of {', '.join(allowed)}")
+    if context_length is not None and context_length < 16:
+        raise ExportOptionError(f"--context-length {context_length} is too small (minimum 16)")
+    if trt and exporter == "optimum":
+        raise ExportOptionError("--trt builds with the genai exporter, not optimum")
+
+
+def infer_task(config: dict) -> str:
+    archs = config.get("architectures") or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "text-generation"
+    if any(a.endswith(("Model", "ForMaskedLM")) for a in archs) or not archs:
+        return "feature-extraction"
+    raise UnsupportedModel(
+        f"cannot tell which task {archs} is for; pass --task text-generation or "
+        f"feature-extraction"
+    )
+
+
+def model_max_context(config: dict) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def resolve_context_length(config: dict, requested: int | None) -> int:
+    limit = model_max_context(config)
+    if requested is None:
+        return min(limit or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
+    if limit is not None and requested > limit:
+        raise ExportOptionError(
+            f"--context-length {requested} is larger than the model's maximum of {limit} tokens"
+        )
+    return requested
+
+
+def choose_exporter(config: dict, task: str, precision: str,
+                    requested: str | None) -> tuple[str, list[str]]:
+    """Which path exports this model, and which were considered (for the error message)."""
+    archs = config.get("architectures") or ["?"]
+    genai_ok = task == "text-generation" and genai.supports(config)
+    optimum_ok = task in optimum_export.supported_tasks(config)
+    if requested == "genai":
+        if not genai_ok:
+            raise UnsupportedModel(
+                f"the genai exporter does not support {archs[0]} for {task} "
+                f"(try --exporter optimum)"
+            )
+        return "genai", ["genai"]
+    if requested == "optimum":
+        if not optimum_ok:
+            raise UnsupportedModel(
+                f"the optimum exporter does not support model type "
+                f"{config.get('model_type')!r} for {task} (try --exporter genai)"
+            )
+        if precision == "fp16":
+            raise ExportOptionError("fp16 is built by the genai exporter; drop --exporter optimum")
+        return "optimum", ["optimum"]
+    if genai_ok:
+        return "genai", ["genai"]
+    if optimum_ok and precision != "fp16":
+        return "optimum", ["genai", "optimum"]
+    raise UnsupportedModel(
+        f"no exporter supports {archs[0]} (model type {config.get('model_type')!r}) for "
+        f"{task} at {precision}: tried genai (builder architectures: "
+        f"{'no' if not genai_ok else 'yes'}), optimum (model types: "
+        f"{'no' if not optimum_ok else 'yes'})"
+    )
+
+
+def check_fp32_parity(precision: str, figures: dict) -> None:
+    """An fp32 export computes the reference's function: it must agree everywhere."""
+    if precision != "fp32":
+        return
+    if figures.get("perplexity") is not None:
+        diff = figures["max_abs_logit_diff"]
+        agree = figures["teacher_forced_top1_agreement"]
+        if diff > validation.FP32_MAX_LOGIT_DIFF or agree < 1.0:
+            raise ValidationFailed(
+                f"fp32 graph does not match the reference: max |logit diff| {diff:.4g} "
+                f"(limit {validation.FP32_MAX_LOGIT_DIFF}), top-1 agreement {agree:.1%}"
+            )
+    elif figures["min_pooled_cosine"] < 0.9999:
+        raise ValidationFailed(
+            f"fp32 encoder does not match the reference: pooled cosine "
+            f"{figures['min_pooled_cosine']:.6f}, max |hidden diff| "
+            f"{figures['max_abs_hidden_diff']:.4g}"
+        )
+
+
+def generation_ids(hf_dir: Path, config: dict) -> dict:
+    gen = {}
+    if (hf_dir / "generation_config.json").is_file():
+        gen = json.loads((hf_dir / "generation_config.json").read_text())
+
+    def pick(key):
+        return gen.get(key, config.get(key))
+
+    eos = pick("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    return {"eos_token_ids": eos_ids, "bos_token_id": pick("bos_token_id"),
+            "pad_token_id": pick("pad_token_id")}
+
+
+# -- device checks and I/O ------------------------------------------------------------------
+
+def check_device(*, precision: str | None, device: str, trt: bool) -> None:
+    """fp16, CUDA and TensorRT need a GPU and its onnxruntime build: say so before working."""
+    if not (precision == "fp16" or device == "cuda" or trt):
+        return
+    import onnxruntime as ort
+
+    providers = set(ort.get_available_providers())
+    if trt and not providers & {"TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider"}:
+        raise ExportOptionError(
+            "--trt needs TensorRT and a GPU: this onnxruntime has no TensorRT execution "
+            f"provider (available: {', '.join(sorted(providers))})"
+        )
+    if "CUDAExecutionProvider" not in providers:
+        what = "fp16 export" if precision == "fp16" else "--device cuda"
+        raise ExportOptionError(
+            f"{what} needs a GPU and the edgegen[gpu] extra (onnxruntime-gpu); this machine "
+            f"offers only {', '.join(sorted(providers))}: use int4 or int8 on CPU"
+        )
+
+
+def _make_staging(store: Path) -> Path:
+    try:
+        staging = staging_dir(store)
+        probe = staging / ".probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return staging
+    except OSError as exc:
+        raise StoreError(f"bundle store {store} is not writable: {exc.strerror or exc}") from exc
+
+
+def _optimum(src: Source, staging: Path, work: Path, *, task: str, precision: str,
+             step: Progress) -> None:
+    raw = optimum_export.export(src.hf_dir, work, task=task)
+    if precision == "fp32":
+        optimum_export.save_as_bundle_graph(raw, staging)
+    else:
+        step(f"quantizing to {precision}")
+        out = work / "quantized" / "model.onnx"
+        out.parent.mkdir()
+        (quantize.quantize_int8 if precision == "int8" else quantize.quantize_int4)(raw, out)
+        optimum_export.save_as_bundle_graph(out, staging)
+    optimum_export.copy_side_files(src.hf_dir, staging)
+
+
+def _finish_side_files(src: Source, staging: Path) -> None:
+    """Make sure the chat template, if the model has one, is in chat_template.jinja."""
+    target = staging / "chat_template.jinja"
+    if target.exists():
+        return
+    tc = staging / "tokenizer_config.json"
+    if tc.is_file():
+        template = json.loads(tc.read_text()).get("chat_template")
+        if isinstance(template, str) and template.strip():
+            target.write_text(template)
+
+
+def pooling_for(hf_dir: Path) -> dict:
+    """Pooling of a sentence-transformers model (1_Pooling/config.json), else mean."""
+    cfg = hf_dir / "1_Pooling" / "config.json"
+    mode = "mean"
+    if cfg.is_file():
+        if json.loads(cfg.read_text()).get("pooling_mode_cls_token"):
+            mode = "cls"
+    return {"mode": mode, "normalize": True}
+
+
+__all__ = ["export_model", "ExportError", "cache_root"]

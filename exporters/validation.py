@@ -1,0 +1,94 @@
+"""Compare an exported graph with its PyTorch reference and produce the manifest's figures.
+
+Causal LMs: every built-in prompt is extended by the reference's greedy continuation; both
+models then read that same sequence (teacher forcing) and we record the max |logit diff|
+and the share of continuation positions where the bundle's top token is the reference's.
+Perplexity of both on a built-in English text shows what quantization cost. Encoders: max
+|hidden-state diff| and the cosine similarity of pooled embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import numpy as np
+
+from exporters import metrics
+from exporters.onnx_graph import Graph
+from exporters.reference import Reference
+
+CONTINUATION_TOKENS = 16
+MAX_EVAL_TOKENS = 384
+# An fp32 graph computes the same function in a different order (fused attention, other
+# kernels): differences of 1e-4..1e-3 on logits of magnitude ~20 are normal, 0.05 is not.
+FP32_MAX_LOGIT_DIFF = 0.05
+
+
+def prompts() -> list[str]:
+    return json.loads(resources.files("exporters").joinpath("data/prompts.json").read_text())
+
+
+def eval_text() -> str:
+    return resources.files("exporters").joinpath("data/eval.txt").read_text()
+
+
+def validate_causal(graph: Graph, ref: Reference, signature: dict,
+                    context_length: int) -> dict:
+    kv, hd = signature["num_kv_heads"], signature["head_dim"]
+    agree = total = 0
+    max_diff = 0.0
+    used = prompts()
+    for prompt in used:
+        ids = ref.encode(prompt)
+        seq = ref.greedy(ids, CONTINUATION_TOKENS)
+        ref_logits = ref.logits(seq)
+        got = graph.run(seq, output="logits", kv_heads=kv, head_dim=hd)
+        max_diff = max(max_diff, metrics.max_abs_diff(got, ref_logits))
+        # Row i predicts token i+1: compare the rows that predict the continuation.
+        start = len(ids) - 1
+        a, n = metrics.top1_matches(got[start:-1], seq[start + 1:])
+        agree, total = agree + a, total + n
+    text_ids = ref.encode(eval_text())[: min(MAX_EVAL_TOKENS, context_length)]
+    ppl = metrics.perplexity(graph.run(text_ids, output="logits", kv_heads=kv, head_dim=hd),
+                             text_ids)
+    ref_ppl = metrics.perplexity(ref.logits(text_ids), text_ids)
+    return {
+        "reference": "pytorch-fp32",
+        "prompts": used,
+        "continuation_tokens": CONTINUATION_TOKENS,
+        "eval_tokens": int(len(text_ids)),
+        "max_abs_logit_diff": max_diff,
+        "teacher_forced_top1_agreement": agree / total,
+        "perplexity": ppl,
+        "reference_perplexity": ref_ppl,
+        "ppl_increase_pct": metrics.ppl_increase_pct(ppl, ref_ppl),
+    }
+
+
+def validate_encoder(graph: Graph, ref: Reference, pooling: dict) -> dict:
+    used = prompts() + [eval_text()[:400]]
+    max_diff = 0.0
+    min_cos = 1.0
+    for text in used:
+        ids = ref.encode(text)
+        want = ref.hidden(ids)
+        got = graph.run(ids, output="last_hidden_state")
+        max_diff = max(max_diff, metrics.max_abs_diff(got, want))
+        ones = np.ones(len(ids), dtype=np.int64)
+        if pooling["mode"] == "cls":
+            a, b = got[0], want[0]
+        else:
+            a, b = metrics.mean_pool(got, ones), metrics.mean_pool(want, ones)
+        min_cos = min(min_cos, metrics.cosine_similarity(a, b))
+    return {
+        "reference": "pytorch-fp32",
+        "prompts": used,
+        "max_abs_hidden_diff": max_diff,
+        "min_pooled_cosine": min_cos,
+        "max_abs_logit_diff": None,
+        "teacher_forced_top1_agreement": None,
+        "perplexity": None,
+        "reference_perplexity": None,
+        "ppl_increase_pct": None,
+    }
