@@ -244,10 +244,28 @@ def write_bundle(staging: str | os.PathLike, manifest: dict, store: str | os.Pat
 
 
 def staging_dir(store: str | os.PathLike) -> Path:
-    """A fresh temporary directory on the store's filesystem, so the final rename is atomic."""
+    """A fresh temporary directory on the store's filesystem, so the final rename is atomic.
+
+    Its name carries the writer's pid; staging directories left by writers that died (an
+    export killed mid-way) are removed here, so they do not pile up in the store.
+    """
     root = Path(store)
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    for old in root.glob(".staging-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=root))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _is_safe_relpath(rel: str) -> bool:

@@ -138,6 +138,9 @@ def test_interrupted_export_leaves_no_bundle(tiny_llama_dir, tmp_path):
     assert list(iter_bundles(store)) == []
     assert not (store / "killed").exists()
     assert all(p.name.startswith(".") for p in store.iterdir())
+    # The next writer sweeps the dead export's staging directory away.
+    mine = staging_dir(store)
+    assert [p.name for p in store.glob(".staging-*")] == [mine.name]
 
 
 def test_interrupt_inside_the_process_cleans_up(tiny_llama_dir, tmp_path, monkeypatch):
