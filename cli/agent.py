@@ -1,7 +1,64 @@
-"""`edgegen agent` (placeholder until its issue lands: registers nothing)."""
+"""`edgegen agent`: serve one bundle on this node (OpenAI API, /metrics, Consul, MQTT)."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
+def agent(
+    bundle: str = typer.Option(..., "--bundle", help="Bundle directory, or an http(s) URL to "
+                               "fetch it from (cached in --store; works offline once cached)."),
+    node: str = typer.Option(..., "--node", help="This node's name."),
+    tier: str = typer.Option("edge", "--tier", help="edge or central."),
+    region: str = typer.Option("", "--region"),
+    zone: str = typer.Option("", "--zone"),
+    lat: float = typer.Option(None, "--lat"),
+    lon: float = typer.Option(None, "--lon"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or tensorrt."),
+    threads: int = typer.Option(None, "--threads", help="Intra-op threads (default: all cores)."),
+    max_concurrency: int = typer.Option(4, "--max-concurrency", help="Sequences decoded together."),
+    queue_size: int = typer.Option(16, "--queue-size", help="Requests that may wait; more get 429."),
+    max_tokens_default: int = typer.Option(256, "--max-tokens-default"),
+    drain_timeout: float = typer.Option(30.0, "--drain-timeout",
+                                        help="Seconds in-flight requests get on SIGTERM."),
+    store: Path = typer.Option(None, "--store", help="Bundle cache (default: $EDGEGEN_STORE or "
+                               "~/.cache/edgegen/bundles)."),
+    admin_token: str = typer.Option(None, "--admin-token", envvar="EDGEGEN_ADMIN_TOKEN",
+                                    help="Bearer token for POST /edgegen/v1/bundle (hot swap)."),
+    consul: str = typer.Option(None, "--consul", help="Consul address to register in."),
+    mqtt: str = typer.Option(None, "--mqtt", help="mqtt[s]://host:port of the device broker."),
+    mqtt_ca_file: str = typer.Option(None, "--mqtt-ca-file"),
+    mqtt_coalesce_ms: int = typer.Option(50, "--mqtt-coalesce-ms", min=0,
+                                         help="MQTT streaming: send a message at least this often."),
+    mqtt_coalesce_tokens: int = typer.Option(8, "--mqtt-coalesce-tokens", min=1,
+                                             help="MQTT streaming: ... or after this many tokens."),
+    mqtt_max_payload: int = typer.Option(256 * 1024, "--mqtt-max-payload", min=1,
+                                         help="Largest MQTT request accepted, in bytes."),
+    advertise_host: str = typer.Option(None, "--advertise-host",
+                                       help="Address others reach this agent at."),
+) -> None:
+    """Serve a bundle with an OpenAI-compatible API."""
+    from edge_agent.runner import prepare, run_agent
+    from edge_agent.settings import AgentSettings
+
+    if tier not in ("edge", "central"):
+        raise typer.BadParameter("must be edge or central", param_hint="--tier")
+    extra = {"store": store} if store else {}
+    settings = AgentSettings(
+        bundle=bundle, node=node, tier=tier, region=region, zone=zone, lat=lat, lon=lon,
+        host=host, port=port, device=device, threads=threads, max_concurrency=max_concurrency,
+        queue_size=queue_size, max_tokens_default=max_tokens_default,
+        drain_timeout=drain_timeout, admin_token=admin_token, consul=consul, mqtt=mqtt,
+        mqtt_ca_file=mqtt_ca_file, mqtt_coalesce_ms=mqtt_coalesce_ms,
+        mqtt_coalesce_tokens=mqtt_coalesce_tokens, mqtt_max_payload=mqtt_max_payload,
+        advertise_host=advertise_host, **extra)
+    run_agent(prepare(settings))
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `edgegen` app."""
+    app.command("agent")(agent)

@@ -1,4 +1,4 @@
-"""`edgegen bundle`: verify, inspect and list bundles."""
+"""`edgegen bundle`: verify, inspect, list, pull and serve bundles."""
 
 from __future__ import annotations
 
@@ -87,6 +87,47 @@ def list_(
         t.add_row(b.name, b.digest12, b.precision, b.task, b.runtime, f"{size:.1f}",
                   b.manifest["created"], str(b.path))
     console.print(t)
+
+
+@bundle_app.command("pull")
+def pull(
+    url: str = typer.Argument(..., help="Bundle URL (http://host:port/<name>/<digest12>/)."),
+    store: Path = typer.Option(None, "--store", help="Bundle store (default: $EDGEGEN_STORE "
+                               "or ~/.cache/edgegen/bundles)."),
+) -> None:
+    """Download a bundle into the store: resumable, every file sha256-verified."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from edge_agent.bundle import default_store
+    from edge_agent.bundle_fetch import fetch_bundle
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total)
+            bar.update(tasks[name], completed=done)
+
+        b = fetch_bundle(url, store or default_store(), progress=progress)
+    console.print(f"[green]ok[/] {b.name} {b.digest12} -> {b.path}")
+
+
+@bundle_app.command("serve")
+def serve(
+    store: Path = typer.Argument(..., help="Bundle store to publish."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8080, "--port"),
+) -> None:
+    """Publish a store over HTTP (Range requests supported) for `edgegen bundle pull`/agents."""
+    import uvicorn
+
+    from edge_agent.bundle_server import create_bundle_server
+
+    if not store.is_dir():
+        raise typer.BadParameter(f"{store} is not a directory", param_hint="STORE")
+    uvicorn.run(create_bundle_server(store), host=host, port=port, log_config=None)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,8 @@
     │   ├── BundleFetchError        a bundle URL could not be downloaded or verified
     │   └── ModelLoadError          the bundle verified, but its runtime cannot load the model
     ├── DeviceUnavailable           a GPU execution provider was asked for but is not present
-    └── GenerationError             the runtime failed while generating (not the client's fault)
+    ├── GenerationError             the runtime failed while generating (not the client's fault)
+    └── RegistrationError           Consul refused or could not be reached (registration retries)
 
 Request-level problems (bad parameters, prompt too long, queue full) are not exceptions of
 this tree: they are OpenAI-shaped error values built in ``protocol``.
@@ -80,3 +81,7 @@ class MqttReplyError(MqttError):
     def __init__(self, error: dict):
         self.error = error
         super().__init__(f"{error.get('type', 'error')}: {error.get('message', error)}")
+
+
+class RegistrationError(AgentError):
+    """The Consul agent API refused a registration call or could not be reached."""

@@ -1,0 +1,271 @@
+"""Generation speed of the edge agent against what a user would otherwise run, in one run.
+
+SmolLM2-135M-Instruct, batch 1, a 28-token prompt, 128 new tokens, greedy (EOS ignored so
+every path generates the same count):
+
+- the agent through its own HTTP streaming API (SSE), for the int4 and fp32 genai bundles
+  and the int8 optimum bundle; aggregate tok/s at 1, 4 and 8 concurrent streams on int4;
+  the agent process's peak RSS (VmHWM);
+- PyTorch eager fp32 ``generate``; Optimum ``ORTModelForCausalLM.generate`` on the int8
+  bundle; onnxruntime-genai's own loop on the int4 and fp32 bundles.
+
+    python benchmarks/generation.py [--store DIR] [--runs 3] [--threads N]
+
+Bundles are exported into --store on first use (``exporters.export_model``) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROMPT = ("The history of the city begins with a small fishing village on the river. Over "
+          "the centuries it grew into a busy port town, and")  # 28 tokens
+NEW = 128
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def bundle_for(store: Path, precision: str, exporter: str):
+    from edge_agent.bundle import iter_bundles
+
+    name = f"smollm2-{precision}"
+    for b in iter_bundles(store):
+        if b.name == name:
+            return b
+    from exporters import export_model
+
+    print(f"exporting {name} (first run only)...", file=sys.stderr)
+    # force: this measures speed; an int8 bundle that misses the quality gate is still timed
+    # (the manifest records validation.gate.forced, and the table says so).
+    return export_model("builtin:smollm2-135m-instruct", name=name, precision=precision,
+                        exporter=exporter, store=store, force=True)
+
+
+def timed_tokens(step_iter) -> tuple[float, float]:
+    """(ttft seconds, decode tok/s) from an iterator yielding once per token."""
+    t0 = time.perf_counter()
+    stamps = [time.perf_counter() for _ in step_iter]
+    return stamps[0] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def median_runs(fn, runs: int) -> tuple[float, float]:
+    fn()  # warm-up
+    results = [fn() for _ in range(runs)]
+    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+
+
+# -- reference paths ----------------------------------------------------------------------
+
+def torch_eager(threads: int, runs: int):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from exporters.sources import resolve_source
+
+    torch.set_num_threads(threads)
+    hf = resolve_source("builtin:smollm2-135m-instruct").hf_dir
+    tok = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt")
+    return median_runs(lambda: _hf_generate(model, ids), runs), ids["input_ids"].shape[1]
+
+
+def _hf_generate(model, ids):
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    stamps = []
+
+    class Clock(BaseStreamer):
+        def put(self, value):
+            stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                       streamer=Clock())
+    stamps = stamps[1:]  # the first put() is the prompt
+    return stamps[0] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def optimum_ort(bundle, threads: int, runs: int):
+    import onnxruntime as ort
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    tok = AutoTokenizer.from_pretrained(bundle.path)
+    model = ORTModelForCausalLM.from_pretrained(bundle.path, session_options=so, use_cache=True)
+    ids = tok(PROMPT, return_tensors="pt")
+    return median_runs(lambda: _hf_generate(model, ids), runs)
+
+
+def genai_loop(bundle, threads: int, runs: int):
+    import onnxruntime_genai as og
+    from tokenizers import Tokenizer
+
+    cfg = og.Config(str(bundle.path))
+    cfg.clear_providers()
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads}}}}))
+    model = og.Model(cfg)
+    ids = Tokenizer.from_file(str(bundle.file("tokenizer.json"))).encode(PROMPT).ids
+
+    def once():
+        p = og.GeneratorParams(model)
+        p.set_search_options(do_sample=False, max_length=len(ids) + NEW,
+                             min_length=len(ids) + NEW)
+        g = og.Generator(model, p)
+
+        def steps():
+            g.append_tokens(ids)
+            while not g.is_done():
+                g.generate_next_token()
+                g.get_next_tokens()
+                yield
+
+        return timed_tokens(steps())
+
+    return median_runs(once, runs)
+
+
+# -- the agent ------------------------------------------------------------------------------
+
+class AgentProc:
+    def __init__(self, bundle, threads: int, concurrency: int):
+        from tests.support.procs import free_port, wait_http
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "agent", "--bundle", str(bundle.path), "--node",
+             "bench", "--port", str(self.port), "--threads", str(threads),
+             "--max-concurrency", str(concurrency), "--queue-size", "16"],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http(self.url + "/readyz", timeout=300, proc=self.proc)
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+async def stream_once(client: httpx.AsyncClient, url: str) -> tuple[float, float, int]:
+    body = {"prompt": PROMPT, "max_tokens": NEW, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    tokens = 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return first - t0, (tokens - 1) / (last - first), tokens
+
+
+def agent_batch1(agent: AgentProc, runs: int) -> tuple[float, float]:
+    async def one():
+        async with httpx.AsyncClient(timeout=300) as c:
+            ttft, tps, _ = await stream_once(c, agent.url)
+            return ttft, tps
+    return median_runs(lambda: asyncio.run(one()), runs)
+
+
+def agent_aggregate(agent: AgentProc, streams: int) -> float:
+    async def go():
+        async with httpx.AsyncClient(timeout=600) as c:
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(stream_once(c, agent.url) for _ in range(streams)))
+            return sum(r[2] for r in results) / (time.perf_counter() - t0)
+    asyncio.run(go())  # warm-up
+    return asyncio.run(go())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--store", type=Path, default=Path.home() / ".cache" / "edgegen" / "bench")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--skip-torch", action="store_true")
+    args = ap.parse_args()
+    t = args.threads
+    b4 = bundle_for(args.store, "int4", "genai")
+    b32 = bundle_for(args.store, "fp32", "genai")
+    b8 = bundle_for(args.store, "int8", "optimum")
+    rows: list[tuple[str, float, float, str]] = []
+
+    def add(name, res, rss=""):
+        rows.append((name, res[1], res[0] * 1000, rss))
+        print(f"  {name}: {res[1]:.1f} tok/s, ttft {res[0] * 1000:.0f} ms {rss}", file=sys.stderr)
+
+    aggregate = {}
+    gate8 = (b8.manifest.get("validation") or {}).get("gate") or {}
+    int8_label = "int8 optimum" + (" (quality gate forced)" if gate8.get("forced") else "")
+    for label, b in (("int4 genai", b4), ("fp32 genai", b32), (int8_label, b8)):
+        agent = AgentProc(b, t, 8)
+        try:
+            res = agent_batch1(agent, args.runs)
+            if b is b4:
+                for n in (1, 4, 8):
+                    aggregate[n] = agent_aggregate(agent, n)
+            add(f"edgegen agent, HTTP SSE, {label}", res, f"{agent.peak_rss_mb():.0f} MB")
+        finally:
+            agent.stop()
+    add("onnxruntime-genai own loop, int4", genai_loop(b4, t, args.runs))
+    add("onnxruntime-genai own loop, fp32", genai_loop(b32, t, args.runs))
+    add(f"Optimum ORTModelForCausalLM, {int8_label}", optimum_ort(b8, t, args.runs))
+    if not args.skip_torch:
+        res, n_prompt = torch_eager(t, args.runs)
+        add("PyTorch eager fp32 generate", res)
+
+    load = os.getloadavg()
+    print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores ({t} threads used); load average "
+          f"before/after: {load[0]:.2f}")
+    print(f"SmolLM2-135M-Instruct, batch 1, {NEW} new tokens, greedy, median of {args.runs}\n")
+    print("| path | decode tok/s | time to first token | agent peak RSS |")
+    print("| --- | --- | --- | --- |")
+    for name, tps, ttft, rss in rows:
+        print(f"| {name} | {tps:.1f} | {ttft:.0f} ms | {rss} |")
+    print("\n| concurrent streams (agent, int4) | aggregate tok/s |")
+    print("| --- | --- |")
+    for n, v in aggregate.items():
+        print(f"| {n} | {v:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The HTTP face of the agent: maps serving's results to JSON responses and SSE streams.
+
+Only this module knows about status codes and HTTP framing; the logic is in ``serving``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from edge_agent.protocol import ErrorResult, error
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+def _serving(request: Request):
+    return request.app.state.serving
+
+
+async def _body(request: Request) -> dict | ErrorResult:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return error(400, f"the request body is not valid JSON: {exc}", code="invalid_json")
+
+
+def _error_response(err: ErrorResult) -> JSONResponse:
+    return JSONResponse(err.body, status_code=err.status, headers=err.headers)
+
+
+async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in chunks:
+            yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    finally:
+        await chunks.aclose()  # client gone or done: cancel the generation, free the slot
+
+
+def _respond(result) -> Response:
+    if isinstance(result, ErrorResult):
+        return _error_response(result)
+    if isinstance(result, dict):
+        return JSONResponse(result)
+    return StreamingResponse(_sse(result), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    body = await _body(request)
+    if isinstance(body, ErrorResult):
+        return _error_response(body)
+    return _respond(await _serving(request).create_chat_completion(body))
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    body = await _body(request)
+    if isinstance(body, ErrorResult):
+        return _error_response(body)
+    return _respond(await _serving(request).create_completion(body))
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request) -> Response:
+    body = await _body(request)
+    if isinstance(body, ErrorResult):
+        return _error_response(body)
+    return _respond(await _serving(request).create_embedding(body))
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> Response:
+    return JSONResponse(_serving(request).list_models())
+
+
+@router.get("/healthz")
+async def healthz() -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    ok, reason = _serving(request).ready()
+    return JSONResponse({"status": reason}, status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    m = request.app.state.metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
+@router.get("/edgegen/v1/bundle")
+async def get_bundle(request: Request) -> Response:
+    return JSONResponse(_serving(request).bundle_info())
+
+
+@router.post("/edgegen/v1/bundle")
+async def post_bundle(request: Request) -> Response:
+    """Hot swap: body ``{"path": DIR}`` or ``{"url": URL}``; bearer admin token required."""
+    settings = request.app.state.settings
+    if not settings.admin_token:
+        return _error_response(error(403, "bundle swaps are disabled (no --admin-token)"))
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), settings.admin_token.encode()):
+        return _error_response(error(401, "a valid admin bearer token is required"))
+    body = await _body(request)
+    if isinstance(body, ErrorResult):
+        return _error_response(body)
+    result = await request.app.state.swap_bundle(body)
+    if isinstance(result, ErrorResult):
+        return _error_response(result)
+    return JSONResponse(_serving(request).bundle_info())

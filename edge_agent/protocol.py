@@ -1,0 +1,183 @@
+"""OpenAI request/response shapes and the agent's error value.
+
+Requests are pydantic models that accept (and ignore) harmless unknown fields, as OpenAI
+does, and reject what would change the meaning of a request and is not supported.
+
+Error values. ``serving`` never raises for a request-level problem; it returns an
+``ErrorResult``: ``status`` (the HTTP status the router sends), ``body`` (OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``) and ``headers`` (e.g. ``Retry-After``
+on 429). Types used: ``invalid_request_error`` (400), ``not_found_error`` (404),
+``authentication_error`` (401), ``rate_limited`` (429, queue full), ``service_unavailable``
+(503, draining / not loaded), ``server_error`` (500, the runtime failed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+@dataclass(frozen=True)
+class ErrorResult:
+    status: int
+    body: dict
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def type(self) -> str:
+        return self.body["error"]["type"]
+
+    @property
+    def message(self) -> str:
+        return self.body["error"]["message"]
+
+
+_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                 404: "not_found_error", 429: "rate_limited", 500: "server_error",
+                 503: "service_unavailable"}
+
+
+def error(status: int, message: str, *, param: str | None = None, code: str | None = None,
+          headers: dict[str, str] | None = None) -> ErrorResult:
+    body = {"error": {"message": message, "type": _STATUS_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+    return ErrorResult(status, body, headers or {})
+
+
+def validation_error(exc: ValidationError) -> ErrorResult:
+    """A pydantic error as a 400 naming the first bad parameter."""
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    msg = first["msg"].removeprefix("Value error, ")
+    return error(400, f"invalid parameter {param}: {msg}" if param else msg, param=param,
+                 code="invalid_value")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=None, ge=1)
+    logprobs: Any = None
+    user: str | None = None
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def unsupported(self) -> str | None:
+        """The first parameter that would change the meaning and is not supported, if any."""
+        if self.n is not None and self.n > 1:
+            return "n"
+        if self.logprobs not in (None, False, 0):
+            return "logprobs"
+        extra = self.model_extra or {}
+        for name in ("tools", "functions", "top_logprobs", "logit_bias", "best_of", "suffix",
+                     "echo", "response_format", "tool_choice", "function_call", "prediction",
+                     "audio", "modalities"):
+            value = extra.get(name)
+            if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+                continue
+            if name in ("tool_choice", "function_call") and value in ("none", None):
+                continue
+            if name == "best_of" and value in (None, 1):
+                continue
+            if name == "echo" and not value:
+                continue
+            if value not in (None, [], {}, False, 0, ""):
+                return name
+        return None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content part of type {part.get('type')!r} is not supported "
+                                 "(this model reads text only)")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("prompt must not be empty")
+            if all(isinstance(x, str) for x in v):
+                if len(v) > 1:
+                    raise ValueError("only one prompt per request is supported")
+        if isinstance(v, str) and not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    input: str | list[str] = Field(...)
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, v):
+        items = [v] if isinstance(v, str) else v
+        if not items or any(not s for s in items):
+            raise ValueError("input must be a non-empty string or list of non-empty strings")
+        return v
+
+
+_Request.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()

@@ -1,0 +1,37 @@
+"""Pick the next token from logits: greedy, temperature, top-k, top-p, seeded.
+
+Pure numpy on one row of logits, so it is tested on plain arrays. Used by the onnxruntime
+engine; onnxruntime-genai samples inside its own loop with the same parameters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_agent.engine import SamplingParams
+
+
+def make_rng(params: SamplingParams) -> np.random.Generator:
+    """One generator per sequence: the same seed gives the same tokens."""
+    return np.random.default_rng(params.seed)
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """The next token id for a 1-D row of ``logits``."""
+    if params.greedy:
+        return int(np.argmax(logits))
+    scores = logits.astype(np.float64) / params.temperature
+    if params.top_k and params.top_k < scores.shape[-1]:
+        cut = np.partition(scores, -params.top_k)[-params.top_k]
+        scores = np.where(scores < cut, -np.inf, scores)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = order[: int(np.searchsorted(cumulative, params.top_p) + 1)]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(rng.choice(probs.shape[-1], p=probs))

@@ -1,0 +1,193 @@
+"""A real agent process on the tiny random genai bundle, driven with the official openai client
+and raw HTTP: chat and completions, streaming and not, bad input, headers, metrics, models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.agent_support import start_agent
+
+
+@pytest.fixture(scope="module")
+def agent(tiny_genai_bundle, tmp_path_factory):
+    a = start_agent(tiny_genai_bundle.path, tmp_path_factory.mktemp("agent-logs"), "edge-a",
+                    "--tier", "edge", "--max-concurrency", "2", "--queue-size", "4")
+    yield a
+    assert a.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(agent):
+    return openai.OpenAI(base_url=agent.url + "/v1", api_key="unused", timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_genai_bundle):
+    return tiny_genai_bundle.name
+
+
+def test_models_lists_the_bundle(client, model):
+    assert [m.id for m in client.models.list().data] == [model]
+
+
+def test_chat_non_streaming(client, model):
+    r = client.chat.completions.create(model=model, max_tokens=12, temperature=0,
+                                       messages=[{"role": "user", "content": "Hello there"}])
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 5
+    assert 1 <= r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    if choice.finish_reason == "length":
+        assert r.usage.completion_tokens == 12
+
+
+def test_chat_streaming_matches_non_streaming(client, model):
+    kwargs = dict(model=model, max_tokens=16, temperature=0,
+                  messages=[{"role": "user", "content": "Tell me a story"}])
+    full = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 **kwargs))
+    assert len({c.id for c in chunks}) == 1
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content_chunks = [c for c in chunks if c.choices]
+    assert content_chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    text = "".join(c.choices[0].delta.content or "" for c in content_chunks)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
+
+
+def test_completions_streaming_and_not(client, model):
+    full = client.completions.create(model=model, prompt="The weather today is", max_tokens=10,
+                                     temperature=0)
+    assert full.object == "text_completion" and full.usage.completion_tokens >= 1
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt="The weather today is", max_tokens=10, temperature=0, stream=True)
+        if c.choices)
+    assert streamed == full.choices[0].text
+
+
+def test_same_seed_same_output_and_sampling_differs(client, model):
+    def run(seed):
+        return client.completions.create(model=model, prompt="Once upon a time", max_tokens=16,
+                                         temperature=1.0, top_p=0.95, seed=seed,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+    a, b = run(7), run(7)
+    assert a == b
+    assert any(run(s) != a for s in (8, 9, 10))
+
+
+def test_stop_string_is_never_emitted(client, model):
+    base = client.completions.create(model=model, prompt="Hello", max_tokens=20, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    assert len(base) > 6
+    stop = base[3:6]
+    cut = base.index(stop)
+    r = client.completions.create(model=model, prompt="Hello", max_tokens=20, temperature=0,
+                                  stop=[stop], extra_body={"ignore_eos": True})
+    assert r.choices[0].text == base[:cut] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt="Hello", max_tokens=20, temperature=0, stop=[stop], stream=True,
+        extra_body={"ignore_eos": True}) if c.choices)
+    assert streamed == base[:cut]
+
+
+def test_every_response_carries_node_headers(agent):
+    for path in ("/healthz", "/readyz", "/v1/models", "/metrics", "/nope"):
+        r = httpx.get(agent.url + path)
+        assert r.headers["x-edgegen-node"] == "edge-a", path
+        assert r.headers["x-edgegen-tier"] == "edge", path
+    with httpx.stream("POST", agent.url + "/v1/completions", timeout=60,
+                      json={"prompt": "Hi", "max_tokens": 2, "stream": True}) as r:
+        assert r.headers["x-edgegen-node"] == "edge-a"
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [l for l in r.iter_lines() if l]
+    assert lines[-1] == "data: [DONE]"
+
+
+BAD = [
+    (b"{not json", "invalid_json", None),
+    (json.dumps([1, 2]).encode(), None, None),
+    (json.dumps({"messages": []}).encode(), None, "messages"),
+    (json.dumps({"messages": "hi"}).encode(), None, "messages"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), None, "messages.0.role"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": -1}).encode(), None, "temperature"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}).encode(), None, "top_p"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}).encode(), None, "max_tokens"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 2}).encode(), "unsupported_parameter", "n"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}).encode(), "unsupported_parameter", "tools"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "logprobs": True}).encode(), "unsupported_parameter", "logprobs"),
+]
+
+
+@pytest.mark.parametrize("body,code,param", BAD)
+def test_bad_input_is_a_400_in_openai_shape_and_the_next_request_works(agent, body, code, param):
+    r = httpx.post(agent.url + "/v1/chat/completions", content=body,
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] == "invalid_request_error"
+    if code:
+        assert err["code"] == code
+    if param:
+        assert err["param"] == param
+    ok = httpx.post(agent.url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_harmless_unknown_fields_are_accepted(agent):
+    r = httpx.post(agent.url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "frequency_penalty": 0, "user": "u1", "metadata": {"a": "b"}, "store": False})
+    assert r.status_code == 200
+
+
+def test_prompt_longer_than_context_names_both_lengths(agent, tiny_genai_bundle):
+    ctx = tiny_genai_bundle.context_length
+    r = httpx.post(agent.url + "/v1/completions", timeout=60,
+                   json={"prompt": "hello " * (ctx + 10), "max_tokens": 4})
+    assert r.status_code == 400
+    msg = r.json()["error"]["message"]
+    assert str(ctx) in msg and "tokens" in msg
+    r = httpx.post(agent.url + "/v1/completions", timeout=60,
+                   json={"prompt": "hello", "max_tokens": ctx})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert str(ctx) in r.json()["error"]["message"]
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+
+
+def test_embeddings_on_a_generation_model_is_400(agent):
+    r = httpx.post(agent.url + "/v1/embeddings", json={"input": "x"})
+    assert r.status_code == 400
+
+
+def test_metrics_pass_promtool_and_count_requests(agent, client, model):
+    assert shutil.which("promtool"), "promtool comes with Debian's prometheus package"
+    client.completions.create(model=model, prompt="Count me", max_tokens=3)
+    text = httpx.get(agent.url + "/metrics").text
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("edgegen_requests_total", "edgegen_request_duration_seconds_bucket",
+                 "edgegen_time_to_first_token_seconds_bucket",
+                 "edgegen_time_per_output_token_seconds_bucket",
+                 "edgegen_generated_tokens_total", "edgegen_prompt_tokens_total",
+                 "edgegen_queue_depth", "edgegen_inflight_requests", "edgegen_bundle_info"):
+        assert name in text, name
+    assert 'edgegen_requests_total{endpoint="/v1/completions",status="200"}' in text
+    assert f'name="{model}"' in text

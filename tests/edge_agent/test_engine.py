@@ -1,0 +1,53 @@
+"""Engine selection and device checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from edge_agent.engine import providers_for
+from edge_agent.errors import DeviceUnavailable
+from tests.support.procs import REPO
+
+
+def test_cpu_is_always_available():
+    assert providers_for("cpu") == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("device", ["cuda", "tensorrt"])
+def test_absent_gpu_provider_is_a_clear_error(device):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has a GPU build of onnxruntime")
+    with pytest.raises(DeviceUnavailable, match=device):
+        providers_for(device)
+
+
+def test_agent_cli_refuses_an_absent_device_at_startup(tiny_genai_bundle):
+    r = subprocess.run([sys.executable, "-m", "cli.main", "agent", "--bundle",
+                        str(tiny_genai_bundle.path), "--node", "n", "--port", "1",
+                        "--device", "cuda"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1
+    assert "CUDAExecutionProvider" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_agent_cli_refuses_a_missing_bundle(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cli.main", "agent", "--bundle",
+                        str(tmp_path / "nope"), "--node", "n", "--port", "1"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "no bundle" in r.stderr
+
+
+def test_agent_help_lists_the_contract_flags():
+    r = subprocess.run([sys.executable, "-m", "cli.main", "agent", "--help"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120, env={"COLUMNS": "200",
+                                                                          "PATH": "/usr/bin"})
+    for flag in ("--bundle", "--node", "--tier", "--region", "--zone", "--lat", "--lon",
+                 "--host", "--port", "--device", "--threads", "--max-concurrency",
+                 "--queue-size", "--store", "--admin-token", "--consul", "--mqtt",
+                 "--mqtt-ca-file", "--advertise-host"):
+        assert flag in r.stdout, flag
