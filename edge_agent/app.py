@@ -20,7 +20,7 @@ from edge_agent.bundle_fetch import is_url, resolve_bundle
 from edge_agent.errors import AgentError
 from edge_agent.metrics import AgentMetrics
 from edge_agent.protocol import ErrorResult, error
-from edge_agent.serving import OpenAIServing, load_model
+from edge_agent.serving import LoadedModel, OpenAIServing, load_model
 from edge_agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,18 @@ class NodeHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def create_app(settings: AgentSettings) -> FastAPI:
+def create_app(settings: AgentSettings, model: LoadedModel | None = None) -> FastAPI:
+    """The agent's app; ``model`` is loaded in the lifespan unless the caller preloaded it."""
     metrics = AgentMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        bundle = await asyncio.to_thread(resolve_bundle, settings.bundle, settings.store)
-        model = await asyncio.to_thread(load_model, bundle, settings)
-        serving = OpenAIServing(settings, model, metrics)
+        loaded = model
+        if loaded is None:
+            bundle = await asyncio.to_thread(resolve_bundle, settings.bundle, settings.store)
+            loaded = await asyncio.to_thread(load_model, bundle, settings)
+        bundle = loaded.bundle
+        serving = OpenAIServing(settings, loaded, metrics)
         app.state.serving = serving
         registration = bridge = None
         try:

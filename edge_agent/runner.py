@@ -15,8 +15,10 @@ import time
 import uvicorn
 
 from edge_agent.app import create_app
+from edge_agent.bundle import open_bundle
 from edge_agent.bundle_fetch import Progress, resolve_bundle
 from edge_agent.engine import providers_for
+from edge_agent.serving import load_model
 from edge_agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,10 @@ def prepare(settings: AgentSettings, progress: Progress | None = None) -> AgentS
 
 
 def run_agent(settings: AgentSettings) -> None:
-    app = create_app(settings)
+    # Load before uvicorn starts, so a model that cannot load is one clear error line
+    # (the CLI's), not a traceback from uvicorn's lifespan handler.
+    model = load_model(open_bundle(settings.bundle), settings)
+    app = create_app(settings, model)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             lifespan="on", timeout_graceful_shutdown=int(settings.drain_timeout),
                             access_log=False)

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from edge_agent.settings import AgentSettings
-from tests.support.mosquitto import Mosquitto, mosquitto_available
+from tests.support.mosquitto import Mosquitto
 from tests.support.mqtt_fakes import BridgeThread, FakeServing
 from tests.support.procs import free_port
 
@@ -31,7 +31,6 @@ def test_no_broker_listening_is_a_connect_error():
     assert r.exit_code != 0 and "cannot connect to MQTT broker" in str(r.exception)
 
 
-@pytest.mark.skipif(not mosquitto_available(), reason="needs Debian's mosquitto")
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("flags", [[], ["--no-stream"], ["--v311"], ["--node", "cli"]])
 def test_chat_prints_the_answer(tmp_path, flags):

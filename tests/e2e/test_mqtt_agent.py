@@ -24,12 +24,11 @@ from edge_agent.errors import MqttConnectError
 from edge_agent.mqtt_client import MqttChatClient
 from edge_agent.mqtt_protocol import answer_text
 from tests.e2e.agent_support import start_agent
-from tests.support.mosquitto import Mosquitto, mosquitto_available
+from tests.support.mosquitto import Mosquitto
 from tests.support.procs import REPO
 
 pytestmark = [
     pytest.mark.timeout(300),
-    pytest.mark.skipif(not mosquitto_available(), reason="needs Debian's mosquitto"),
 ]
 
 

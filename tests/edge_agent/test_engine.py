@@ -51,3 +51,25 @@ def test_agent_help_lists_the_contract_flags():
                  "--queue-size", "--store", "--admin-token", "--consul", "--mqtt",
                  "--mqtt-ca-file", "--advertise-host"):
         assert flag in r.stdout, flag
+
+
+def test_agent_cli_reports_a_model_that_cannot_load_in_one_line(tiny_genai_bundle, tmp_path):
+    """A bundle whose hashes match but whose graph is not ONNX: one error line, exit 1."""
+    import shutil
+
+    from edge_agent.bundle import staging_dir, write_bundle
+
+    store = tmp_path / "store"
+    staging = staging_dir(store)
+    for rel in tiny_genai_bundle.manifest["files"]:
+        shutil.copy(tiny_genai_bundle.file(rel), staging / rel)
+    (staging / "model.onnx").write_bytes(b"not an onnx graph")
+    manifest = {k: v for k, v in tiny_genai_bundle.manifest.items() if k != "files"}
+    broken = write_bundle(staging, {**manifest, "name": "broken"}, store)
+
+    r = subprocess.run([sys.executable, "-m", "cli.main", "agent", "--bundle", str(broken.path),
+                        "--node", "n", "--port", "1"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert "cannot load" in r.stderr and str(broken.path) in r.stderr

@@ -21,12 +21,11 @@ from paho.mqtt.properties import Properties
 from edge_agent.errors import MqttConnectError, MqttReplyError
 from edge_agent.mqtt_client import MqttChatClient
 from edge_agent.settings import AgentSettings
-from tests.support.mosquitto import Mosquitto, make_tls_files, mosquitto_available
+from tests.support.mosquitto import Mosquitto, make_tls_files
 from tests.support.mqtt_fakes import BridgeThread, FakeServing
 
 pytestmark = [
     pytest.mark.timeout(120),
-    pytest.mark.skipif(not mosquitto_available(), reason="needs Debian's mosquitto"),
 ]
 
 PROMPT = "the quick brown fox jumps over the lazy dog again and again"

@@ -97,6 +97,9 @@ class Mosquitto:
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}:{password}@127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> "Mosquitto":
+        if not mosquitto_available():  # a missing broker fails the test; it is never skipped
+            raise RuntimeError(f"{MOSQUITTO} or mosquitto_pub is missing: run scripts/install.sh "
+                               "(Debian packages mosquitto, mosquitto-clients)")
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
