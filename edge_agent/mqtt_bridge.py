@@ -255,10 +255,14 @@ class MqttBridge:
                 self.metrics.count(_status_of(result))
                 self._publish(route, result.body)
             elif isinstance(result, dict):
-                self._publish(route, result)
                 self.metrics.count("ok")
+                self._publish(route, result)
             else:
-                self.metrics.count(await self._stream(result, route))
+                # Count before the last message goes out: once a device holds its answer, the
+                # metrics already show it.
+                status, last = await self._stream(result, route)
+                self.metrics.count(status)
+                self._publish(route, last)
         except asyncio.CancelledError:
             self._publish(route, error_payload("the agent is shutting down", "shutting_down",
                                                type="server_error"))
@@ -270,8 +274,9 @@ class MqttBridge:
                                                "internal_error", type="server_error"))
             self.metrics.count("error")
 
-    async def _stream(self, stream, route: ReplyRoute) -> str:
-        """Publish a chunk stream coalesced by size and time; return the outcome's status."""
+    async def _stream(self, stream, route: ReplyRoute) -> tuple[str, dict]:
+        """Publish a chunk stream coalesced by size and time; return the outcome's status and
+        the last message, which the caller publishes."""
         loop = asyncio.get_running_loop()
         coalescer = ChunkCoalescer(self.settings.mqtt_coalesce_tokens,
                                    self.settings.mqtt_coalesce_ms / 1000)
@@ -297,8 +302,7 @@ class MqttBridge:
                     pending = coalescer.flush()
                     if pending is not None:
                         self._publish(route, pending)
-                    self._publish(route, {"error": chunk["error"]})
-                    return "error"
+                    return "error", {"error": chunk["error"]}
                 message = coalescer.add(chunk, loop.time())
                 if message is not None:
                     self._publish(route, message)
@@ -314,11 +318,9 @@ class MqttBridge:
                     log.warning("closing a chat stream failed", exc_info=True)
         final = coalescer.finish()
         if final is None:
-            self._publish(route, error_payload("the model produced no output", "empty_stream",
-                                               type="server_error"))
-            return "error"
-        self._publish(route, final)
-        return "ok"
+            return "error", error_payload("the model produced no output", "empty_stream",
+                                          type="server_error")
+        return "ok", final
 
     def _publish(self, route: ReplyRoute, message: dict | None) -> None:
         if message is None:
