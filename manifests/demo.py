@@ -16,7 +16,7 @@ def ask_rest(router_url: str, model: str, timeout: float = 300.0) -> tuple[str, 
     """The answer and the node that gave it."""
     try:
         r = httpx.post(f"{router_url}/v1/chat/completions", timeout=timeout, json={
-            "model": model, "max_tokens": 32,
+            "model": model, "max_tokens": 48, "temperature": 0,
             "messages": [{"role": "user", "content": PROMPT}]})
         r.raise_for_status()
     except httpx.HTTPError as exc:
@@ -27,7 +27,7 @@ def ask_rest(router_url: str, model: str, timeout: float = 300.0) -> tuple[str, 
 def ask_mqtt(broker: str, timeout: float = 300.0) -> str:
     """Ask any agent on the broker, as a device would, with `edgegen mqtt chat`."""
     cmd = [sys.executable, "-m", "cli.main", "mqtt", "chat", "--broker", broker,
-           "--max-tokens", "32", "--no-stream", PROMPT]
+           "--max-tokens", "48", "--temperature", "0", "--no-stream", PROMPT]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:

@@ -229,10 +229,11 @@ def run_fleet(opts: FleetOptions, console=None, demo: bool = False) -> None:
         say(f"  edgegen status --target local --consul {fleet.registry_url}", markup=False) \
             if console else None
         if demo:
-            from manifests.demo import ask_mqtt, ask_rest
+            from manifests.demo import PROMPT, ask_mqtt, ask_rest
 
+            say(f"\nQuestion: {PROMPT}", markup=False)
             answer, node = ask_rest(fleet.router_url, fleet.bundle.name)
-            say(f"\nREST answer (from {node}): {answer}", markup=False, soft_wrap=True)
+            say(f"REST answer (router → {node}): {answer}", markup=False, soft_wrap=True)
             if fleet.mqtt_url:
                 say(f"MQTT answer: {ask_mqtt(fleet.mqtt_url)}", markup=False, soft_wrap=True)
             return

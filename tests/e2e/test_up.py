@@ -18,10 +18,12 @@ def test_up_demo_answers_over_rest_and_mqtt(tiny_genai_bundle, tmp_path):
     out = r.stdout
     for node in ("edge-eu-west", "edge-us-east", "edge-ap-south", "central-1"):
         assert node in out
-    rest = [line for line in out.splitlines() if line.startswith("REST answer (from edge-")]
+    rest = [line for line in out.splitlines() if line.startswith("REST answer (router → edge-")]
     mqtt = [line for line in out.splitlines() if line.startswith("MQTT answer: ")]
     assert rest and len(rest[0].split(":", 1)[1].strip()) > 0
     assert mqtt and len(mqtt[0].split(":", 1)[1].strip()) > 0
+    # Both questions are greedy on the same bundle: the same answer, whichever agent gave it.
+    assert rest[0].split(":", 1)[1].strip() == mqtt[0].split(":", 1)[1].strip()
     assert f"edgegen mqtt chat --broker mqtt://127.0.0.1:{ports[2]}" in out
 
 
