@@ -141,7 +141,7 @@ def load_engine(bundle: Bundle, settings: AgentSettings):
     if bundle.runtime == "onnxruntime-genai":
         from edge_agent.engine_genai import GenaiEngine
 
-        return GenaiEngine(bundle, device=settings.device, threads=threads)
+        return GenaiEngine(bundle, device=settings.device, threads=threads, providers=providers)
     from edge_agent.engine_ort import OrtEngine
 
     return OrtEngine(bundle, providers=providers, threads=threads)
