@@ -155,7 +155,7 @@ def genai_loop(bundle, threads: int, runs: int):
 # -- the agent ------------------------------------------------------------------------------
 
 class AgentProc:
-    def __init__(self, bundle, threads: int, concurrency: int):
+    def __init__(self, bundle, threads: int, concurrency: int, env: dict | None = None):
         from tests.support.procs import free_port, wait_http
 
         self.port = free_port()
@@ -164,7 +164,8 @@ class AgentProc:
             [sys.executable, "-m", "cli.main", "agent", "--bundle", str(bundle.path), "--node",
              "bench", "--port", str(self.port), "--threads", str(threads),
              "--max-concurrency", str(concurrency), "--queue-size", "16"],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})})
         wait_http(self.url + "/readyz", timeout=300, proc=self.proc)
 
     def peak_rss_mb(self) -> float:
@@ -246,6 +247,15 @@ def main() -> None:
             add(f"edgegen agent, HTTP SSE, {label}", res, f"{agent.peak_rss_mb():.0f} MB")
         finally:
             agent.stop()
+    # The alternative for concurrency: the same agent stepping one onnxruntime-genai
+    # Generator per stream (batched decoding off).
+    sequential = {}
+    agent = AgentProc(b4, t, 8, env={"EDGEGEN_GENAI_BATCH": "0"})
+    try:
+        for n in (1, 4, 8):
+            sequential[n] = agent_aggregate(agent, n)
+    finally:
+        agent.stop()
     add("onnxruntime-genai own loop, int4", genai_loop(b4, t, args.runs))
     add("onnxruntime-genai own loop, fp32", genai_loop(b32, t, args.runs))
     add(f"Optimum ORTModelForCausalLM, {int8_label}", optimum_ort(b8, t, args.runs))
@@ -261,10 +271,11 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for name, tps, ttft, rss in rows:
         print(f"| {name} | {tps:.1f} | {ttft:.0f} ms | {rss} |")
-    print("\n| concurrent streams (agent, int4) | aggregate tok/s |")
-    print("| --- | --- |")
+    print("\n| concurrent streams (agent, int4) | aggregate tok/s, batched decoding (default) "
+          "| aggregate tok/s, one genai Generator per stream |")
+    print("| --- | --- | --- |")
     for n, v in aggregate.items():
-        print(f"| {n} | {v:.1f} |")
+        print(f"| {n} | {v:.1f} | {sequential[n]:.1f} |")
 
 
 if __name__ == "__main__":

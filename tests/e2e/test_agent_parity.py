@@ -10,6 +10,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from tests.e2e.agent_support import start_agent
+from tests.support.genai_reference import genai_greedy
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small"]
 N = 32
@@ -31,21 +32,8 @@ def _agent_texts(bundle, log_dir) -> list[tuple[str, int]]:
 
 
 def _genai_reference(bundle) -> list[list[int]]:
-    import onnxruntime_genai as og
-
     tok = Tokenizer.from_file(str(bundle.file("tokenizer.json")))
-    model = og.Model(str(bundle.path))
-    out = []
-    for p in PROMPTS:
-        ids = tok.encode(p).ids
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + N, min_length=len(ids) + N)
-        gen = og.Generator(model, params)
-        gen.append_tokens(ids)
-        while not gen.is_done():
-            gen.generate_next_token()
-        out.append([int(t) for t in gen.get_sequence(0)[len(ids):]])
-    return out
+    return genai_greedy(bundle.path, [tok.encode(p).ids for p in PROMPTS], N)
 
 
 def _optimum_reference(bundle) -> list[list[int]]:

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 from edge_agent.engine import SamplingParams
 from edge_agent.engine_genai import GenaiEngine
 from edge_agent.engine_genai_batch import BatchRow
+from tests.support.genai_reference import genai_greedy
 
 N = 32
 PROMPTS = [
@@ -36,20 +37,7 @@ def prompt_ids(tiny_genai_bundle):
 
 @pytest.fixture(scope="module")
 def reference(tiny_genai_bundle, prompt_ids) -> list[list[int]]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(tiny_genai_bundle.path))
-    out = []
-    for ids in prompt_ids:
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + N,
-                                  min_length=len(ids) + N)
-        gen = og.Generator(model, params)
-        gen.append_tokens(ids)
-        while not gen.is_done():
-            gen.generate_next_token()
-        out.append([int(t) for t in gen.get_sequence(0)[len(ids):]])
-    return out
+    return genai_greedy(tiny_genai_bundle.path, prompt_ids, N)
 
 
 @pytest.fixture(scope="module")
