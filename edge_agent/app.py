@@ -58,7 +58,7 @@ def create_app(settings: AgentSettings, model: LoadedModel | None = None) -> Fas
         bundle = loaded.bundle
         serving = OpenAIServing(settings, loaded, metrics)
         app.state.serving = serving
-        registration = bridge = None
+        registration = bridge = leaving = None
         try:
             if settings.consul:
                 from edge_agent.registration import ConsulRegistration
@@ -90,11 +90,14 @@ def create_app(settings: AgentSettings, model: LoadedModel | None = None) -> Fas
                 return result
 
             app.state.swap_bundle = swap_bundle
+            leaving = asyncio.create_task(_leave_on_drain(serving, registration, bridge))
             log.info("agent ready", extra={"bundle": bundle.name, "digest": bundle.digest12,
                                            "node": settings.node, "port": settings.port})
             yield
         finally:
             serving.draining = True
+            if leaving is not None:
+                await leaving
             if not await _drain(serving, settings.drain_timeout):
                 log.warning("shutdown: requests still in flight after the drain timeout")
             if bridge is not None:
@@ -109,6 +112,18 @@ def create_app(settings: AgentSettings, model: LoadedModel | None = None) -> Fas
     app.include_router(router)
     app.add_middleware(NodeHeaders, node=settings.node, tier=settings.tier)
     return app
+
+
+async def _leave_on_drain(serving: OpenAIServing, registration, bridge) -> None:
+    """The moment a drain begins (SIGTERM), stop attracting work: deregister from Consul (the
+    router stops choosing this agent now, not when its check next fails) and leave the MQTT
+    shared group. Requests already in flight still finish."""
+    while not serving.draining:
+        await asyncio.sleep(0.1)
+    if bridge is not None:
+        await bridge.leave_shared()
+    if registration is not None:
+        await registration.stop()
 
 
 async def _drain(serving: OpenAIServing, timeout: float) -> bool:

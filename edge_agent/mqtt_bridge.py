@@ -90,6 +90,7 @@ class MqttBridge:
         self._connected = False
         self._subscribed = False
         self._stopping = False
+        self._left_shared = False
 
     @property
     def connected(self) -> bool:
@@ -121,6 +122,13 @@ class MqttBridge:
         log.info("MQTT bridge started", extra={"broker": self.broker.redacted(),
                                                "topics": list(self.topics)})
 
+    async def leave_shared(self) -> None:
+        """Stop taking requests from the shared group, so the other agents on the broker take
+        them (a drain has begun); this node's own topic still answers."""
+        if self._client is not None and self._connected and not self._left_shared:
+            self._left_shared = True
+            self._client.unsubscribe(shared_subscription())
+
     async def stop(self, timeout: float | None = None) -> None:
         """Leave the shared group (so others take its share), finish in-flight requests (up to
         ``timeout``, default the drain timeout), flush replies, disconnect."""
@@ -129,8 +137,7 @@ class MqttBridge:
         self._stopping = True
         timeout = self.settings.drain_timeout if timeout is None else timeout
         client = self._client
-        if self._connected:
-            client.unsubscribe(shared_subscription())
+        await self.leave_shared()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
             for task in pending:

@@ -105,6 +105,7 @@ class ConsulRegistration:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self.registered = False
+        self.stopped = False
         self.state = "starting"   # starting | registered | unreachable
 
     # ---- public API ----------------------------------------------------------------------
@@ -117,6 +118,8 @@ class ConsulRegistration:
     async def update(self, bundle: Bundle) -> None:
         """Re-register with the new bundle's name and digest (after a hot swap)."""
         self.bundle = bundle
+        if self.stopped:  # draining: a swap must not bring the service back
+            return
         try:
             async with self._lock:
                 await self._call(self._consul.agent.service.register,
@@ -131,7 +134,11 @@ class ConsulRegistration:
             self._wake.set()
 
     async def stop(self, timeout: float = 3.0) -> None:
-        """Stop the background task and deregister (bounded by ``timeout`` seconds)."""
+        """Stop the background task and deregister (bounded by ``timeout`` seconds). Called
+        when a drain begins and again at shutdown: only the first call does anything."""
+        if self.stopped:
+            return
+        self.stopped = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -13,6 +13,7 @@ import numpy as np
 import openai
 import pytest
 
+from tests.cloud_router.registry_support import start_registry
 from tests.e2e.agent_support import start_agent
 from tests.support.procs import EdgegenProcess, free_port, wait_http
 
@@ -140,9 +141,15 @@ def test_agent_fetches_a_bundle_url_and_restarts_offline(tiny_genai_bundle, tmp_
 
 @pytest.mark.smollm2
 def test_backpressure_disconnect_and_graceful_drain(smollm2_int4_bundle, tmp_path):
+    registry, consul = start_registry(tmp_path)
     a = start_agent(smollm2_int4_bundle.path, tmp_path, "busy", "--max-concurrency", "1",
-                    "--queue-size", "0", "--drain-timeout", "60")
+                    "--queue-size", "0", "--drain-timeout", "60", "--consul", consul)
+
+    def registered() -> bool:
+        return bool(httpx.get(consul + "/v1/agent/services").json())
+
     try:
+        _poll(registered, 30, "the agent to register")
         most = smollm2_int4_bundle.context_length - 64
         long_body = {"prompt": "Write a very long story.", "max_tokens": most, "stream": True,
                      "ignore_eos": True}
@@ -162,18 +169,23 @@ def test_backpressure_disconnect_and_graceful_drain(smollm2_int4_bundle, tmp_pat
         assert generated < most
         assert httpx.get(a.url + "/readyz").status_code == 200
 
-        # SIGTERM mid-stream: not ready at once, the stream still completes, exit 0
+        # SIGTERM mid-stream: not ready and deregistered at once (the router stops choosing
+        # it now, not when its check next fails), the stream still completes, exit 0
         cm, resp, lines = _stream_lines(a.url + "/v1/completions", {
-            "prompt": "Count to one hundred.", "max_tokens": 150, "stream": True,
+            "prompt": "Count to one hundred.", "max_tokens": 400, "stream": True,
             "ignore_eos": True})
         got = [next(l for l in lines if l.startswith("data: {"))]
         a.proc.proc.send_signal(15)
         _poll(lambda: httpx.get(a.url + "/readyz").status_code == 503, 10, "readyz to fail")
+        _poll(lambda: not registered(), 10, "the agent to deregister when its drain begins")
         got += [l for l in lines if l.startswith("data: ")]
         cm.__exit__(None, None, None)
         assert got[-1] == "data: [DONE]"
         assert json.loads(got[-2][6:])["choices"][0]["finish_reason"] == "length"
+        # the stream was still running when the agent left the registry
+        assert len(got) > 50
         a.proc.proc.wait(60)
         assert a.proc.proc.returncode == 0
     finally:
         a.stop()
+        registry.stop()
