@@ -53,28 +53,27 @@ def _respond(result) -> Response:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request) -> Response:
+async def _serve(request: Request, method: str) -> Response:
+    """Parse the JSON body and hand it to ``serving.<method>``; map the result to HTTP."""
     body = await _body(request)
     if isinstance(body, ErrorResult):
         return _error_response(body)
-    return _respond(await _serving(request).create_chat_completion(body))
+    return _respond(await getattr(_serving(request), method)(body))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _serve(request, "create_chat_completion")
 
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    body = await _body(request)
-    if isinstance(body, ErrorResult):
-        return _error_response(body)
-    return _respond(await _serving(request).create_completion(body))
+    return await _serve(request, "create_completion")
 
 
 @router.post("/v1/embeddings")
 async def embeddings(request: Request) -> Response:
-    body = await _body(request)
-    if isinstance(body, ErrorResult):
-        return _error_response(body)
-    return _respond(await _serving(request).create_embedding(body))
+    return await _serve(request, "create_embedding")
 
 
 @router.get("/v1/models")

@@ -338,6 +338,11 @@ class _Meta:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
+    def envelope(self, obj: str, choices: list[dict]) -> dict:
+        """The fields every response object and chunk of this request shares."""
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices}
+
 
 class _Outcome:
     """What the generator learnt by the end: finish reason, tokens, error."""
@@ -414,9 +419,7 @@ async def _collect(serving: OpenAIServing, meta: _Meta, stream) -> ErrorResult |
         choice = {"index": 0, "text": text, "logprobs": None,
                   "finish_reason": outcome.finish_reason}
         obj = "text_completion"
-    return {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model,
-            "system_fingerprint": None, "choices": [choice],
-            "usage": meta.usage(outcome.completion_tokens)}
+    return {**meta.envelope(obj, [choice]), "usage": meta.usage(outcome.completion_tokens)}
 
 
 async def _stream_chunks(metrics: AgentMetrics, meta: _Meta, stream, include_usage: bool
@@ -434,8 +437,7 @@ async def _stream_chunks(metrics: AgentMetrics, meta: _Meta, stream, include_usa
         else:
             choice = {"index": 0, "text": content or "", "logprobs": None,
                       "finish_reason": finish}
-        out = {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model,
-               "system_fingerprint": None, "choices": [choice]}
+        out = meta.envelope(obj, [choice])
         if include_usage:
             out["usage"] = None
         return out
@@ -450,10 +452,7 @@ async def _stream_chunks(metrics: AgentMetrics, meta: _Meta, stream, include_usa
                     return
                 yield chunk(None if meta.chat else "", item.finish_reason)
                 if include_usage:
-                    final = {"id": meta.id, "object": obj, "created": meta.created,
-                             "model": meta.model, "system_fingerprint": None, "choices": [],
-                             "usage": meta.usage(item.completion_tokens)}
-                    yield final
+                    yield {**meta.envelope(obj, []), "usage": meta.usage(item.completion_tokens)}
                 return
             yield chunk(item, None)
     finally:
