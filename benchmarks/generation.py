@@ -155,7 +155,8 @@ def genai_loop(bundle, threads: int, runs: int):
 # -- the agent ------------------------------------------------------------------------------
 
 class AgentProc:
-    def __init__(self, bundle, threads: int, concurrency: int, env: dict | None = None):
+    def __init__(self, bundle, threads: int, concurrency: int, env: dict | None = None,
+                 args: tuple[str, ...] = ()):
         from tests.support.procs import free_port, wait_http
 
         self.port = free_port()
@@ -163,7 +164,7 @@ class AgentProc:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "agent", "--bundle", str(bundle.path), "--node",
              "bench", "--port", str(self.port), "--threads", str(threads),
-             "--max-concurrency", str(concurrency), "--queue-size", "16"],
+             "--max-concurrency", str(concurrency), "--queue-size", "16", *args],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, **(env or {})})
         wait_http(self.url + "/readyz", timeout=300, proc=self.proc)

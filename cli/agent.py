@@ -23,6 +23,11 @@ def agent(
     max_concurrency: int = typer.Option(4, "--max-concurrency", help="Sequences decoded together."),
     queue_size: int = typer.Option(16, "--queue-size", help="Requests that may wait; more get 429."),
     max_tokens_default: int = typer.Option(256, "--max-tokens-default"),
+    stream_interval_ms: int = typer.Option(
+        20, "--stream-interval-ms", min=0,
+        help="Streaming: after a sequence's first token, hand its new tokens to the client "
+             "every this many ms (0: after every step). Each SSE event is still one token; "
+             "fewer writes save CPU on small nodes."),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout",
                                         help="Seconds in-flight requests get on SIGTERM."),
     store: Path = typer.Option(None, "--store", help="Bundle cache (default: $EDGEGEN_STORE or "
@@ -52,6 +57,7 @@ def agent(
         bundle=bundle, node=node, tier=tier, region=region, zone=zone, lat=lat, lon=lon,
         host=host, port=port, device=device, threads=threads, max_concurrency=max_concurrency,
         queue_size=queue_size, max_tokens_default=max_tokens_default,
+        stream_interval_ms=stream_interval_ms,
         drain_timeout=drain_timeout, admin_token=admin_token, consul=consul, mqtt=mqtt,
         mqtt_ca_file=mqtt_ca_file, mqtt_coalesce_ms=mqtt_coalesce_ms,
         mqtt_coalesce_tokens=mqtt_coalesce_tokens, mqtt_max_payload=mqtt_max_payload,

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from edge_agent.protocol import ErrorResult, error
+from edge_agent.serving import ChunkStream
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -35,11 +36,19 @@ def _error_response(err: ErrorResult) -> JSONResponse:
     return JSONResponse(err.body, status_code=err.status, headers=err.headers)
 
 
-async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+async def _sse(chunks: ChunkStream) -> AsyncIterator[bytes]:
+    """One SSE event per chunk; events that are already waiting go out in one write (the
+    scheduler hands a stream its tokens every ``stream_interval_ms``), so the client wakes
+    up once per batch of tokens, not once per token."""
+    pending: list[bytes] = []
     try:
         async for chunk in chunks:
-            yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
-        yield b"data: [DONE]\n\n"
+            pending.append(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
+            if not chunks.ready():
+                yield b"".join(pending)
+                pending.clear()
+        pending.append(b"data: [DONE]\n\n")
+        yield b"".join(pending)
     finally:
         await chunks.aclose()  # client gone or done: cancel the generation, free the slot
 

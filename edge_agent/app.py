@@ -104,7 +104,7 @@ def create_app(settings: AgentSettings, model: LoadedModel | None = None) -> Fas
                 await bridge.stop()
             if registration is not None:
                 await registration.stop()
-            await asyncio.to_thread(serving.model.close)
+            await serving.model.close()
 
     app = FastAPI(title="edgegen agent", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings

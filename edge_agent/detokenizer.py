@@ -1,23 +1,24 @@
 """Token ids → text, incrementally, with stop strings; never emits broken UTF-8.
 
-Byte-level BPE splits a multi-byte character across tokens; decoding such a prefix yields
-U+FFFD. Like vLLM, we decode a small window of recent tokens and only release text once it
-no longer ends in U+FFFD. Text that could be the start of a stop string is held back until
-it is known not to be one, so a stop string is never emitted.
+Byte-level BPE splits a multi-byte character across tokens. ``tokenizers``' own
+``DecodeStream`` (one call into Rust per token) decodes a window of recent tokens and returns
+text only once it is complete, so a prefix of a character is never released; what is still
+incomplete when the sequence ends is dropped, as a full decode would turn it into U+FFFD.
+Text that could be the start of a stop string is held back until it is known not to be one,
+so a stop string is never emitted.
 """
 
 from __future__ import annotations
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
-        self.ids: list[int] = []
-        self.prefix_offset = 0      # start of the window decoded for context
-        self.read_offset = 0        # tokens before this have been turned into text
+        self.stream = DecodeStream(skip_special_tokens=True)
         self.pending = ""          # decoded text not yet released (stop-string lookahead)
         self.stopped = False
 
@@ -25,25 +26,16 @@ class IncrementalDetokenizer:
         """Text released by one more token ('' while held back). After a stop string, ''."""
         if self.stopped:
             return ""
-        self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset],
-                                       skip_special_tokens=True)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
-        if full.endswith("\ufffd") or len(full) < len(prefix) or not full.startswith(prefix):
-            return ""  # mid-character: wait for the next token
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self.ids)
-        return self._release(full[len(prefix):])
+        new = self.stream.step(self.tokenizer, token_id)
+        if not new:
+            return ""  # mid-character (or a skipped special token): wait for the next token
+        return self._release(new)
 
     def flush(self) -> str:
         """The held-back text at the end of the sequence (no stop string can complete now)."""
         if self.stopped:
             return ""
-        tail = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset],
-                                       skip_special_tokens=True)
-        extra = tail[len(prefix):] if tail.startswith(prefix) else ""
-        out, self.pending = self.pending + extra.rstrip("\ufffd"), ""
+        out, self.pending = self.pending, ""
         return out
 
     def _release(self, new: str) -> str:

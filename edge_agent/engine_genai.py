@@ -100,7 +100,7 @@ class GenaiEngine(GenerationEngine):
         return SequenceState(prompt_ids=list(prompt_ids), params=params, data=generator)
 
     def step(self, seqs: list[SequenceState]) -> list[int]:
-        if not self.batch_enabled:
+        if not self.batch_enabled or (len(seqs) == 1 and not isinstance(seqs[0].data, BatchRow)):
             return self._step_og(seqs)
         if len(seqs) > 1:
             for seq in seqs:

@@ -1,18 +1,30 @@
-"""Admission and decoding of concurrent sequences: a bounded queue in front of one worker thread.
+"""Admission and decoding of concurrent sequences: a bounded queue and one asyncio task.
 
 Requests wait in a FIFO queue of ``queue_size``; up to ``max_concurrency`` sequences are
 decoded together, one engine step for all of them per iteration (continuous batching at
-the scheduler level: a finished sequence's slot is refilled at the next step). The worker
-thread runs the engine (onnxruntime releases the GIL while it computes), and hands every
-token to the request's asyncio queue on the event loop. Cancelling a handle (client gone,
-stop string seen) frees its slot before the next step.
+the scheduler level: a finished sequence's slot is refilled at the next step). Cancelling a
+handle (client gone, stop string seen) frees its slot before the next step.
+
+Two decisions here are about speed, both measured on a 2-core node (benchmarks/README.md):
+
+- Where a step runs. A decode step of a small model takes a few milliseconds, and handing
+  each token from a worker thread to the event loop cost a cross-thread wake-up and a GIL
+  hand-over per token, about 15 % of batch-1 decode speed while onnxruntime's intra-op
+  threads occupy both cores. So short decode steps run on the event loop itself. Steps that
+  would hold the loop long run in a worker thread (onnxruntime releases the GIL), so health
+  checks and new requests are still answered: every step that prefills a prompt, and decode
+  steps once they take longer than ``INLINE_STEP_S``.
+- How often streams run. After a sequence's first token (sent at once: time to first token
+  is what a user feels), the scheduler yields to the event loop every ``stream_interval``
+  seconds rather than after every step, and the streams then send the tokens that waited in
+  one write each. Every token still arrives as its own event; the node saves a loop pass,
+  a socket write and a client wake-up per token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -22,24 +34,26 @@ from edge_agent.errors import AgentError
 
 log = logging.getLogger(__name__)
 
+# Decode steps faster than this run on the event loop (no per-token thread hand-off); the
+# loop is then never blocked longer than this by decoding.
+INLINE_STEP_S = 0.025
+
 
 @dataclass(frozen=True)
 class TokenEvent:
     """One item a handle yields: a token id, or the end (finish_reason / error set)."""
 
     token_id: int | None = None
-    finish_reason: str | None = None   # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None   # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
 
 
 class SequenceHandle:
     """A submitted request: iterate it for TokenEvents; cancel() to give up its slot."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams,
-                 loop: asyncio.AbstractEventLoop):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams):
         self.prompt_ids = prompt_ids
         self.params = params
-        self.loop = loop
         self.events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.cancelled = False
         self.state: SequenceState | None = None
@@ -49,7 +63,7 @@ class SequenceHandle:
         self.cancelled = True
 
     def _emit(self, event: TokenEvent) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.events.put_nowait(event)
 
     async def __aiter__(self):
         while True:
@@ -60,16 +74,21 @@ class SequenceHandle:
 
 
 class Scheduler:
-    def __init__(self, engine: GenerationEngine, *, max_concurrency: int, queue_size: int):
+    """Queue and step sequences on ``engine``. Use it from one event loop only."""
+
+    def __init__(self, engine: GenerationEngine, *, max_concurrency: int, queue_size: int,
+                 stream_interval: float = 0.0):
         self.engine = engine
+        self.stream_interval = max(0.0, stream_interval)
         self.max_concurrency = max(1, max_concurrency)
         self.queue_size = max(0, queue_size)
         self.waiting: deque[SequenceHandle] = deque()
         self.running: list[SequenceHandle] = []
-        self._cond = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="edgegen-scheduler", daemon=True)
-        self._thread.start()
+        self.decode_step_s = 0.0   # moving average of decode-step time
+        self._task: asyncio.Task | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._closed = False
+        self._yielded_at = 0.0     # when the streams last ran
 
     @property
     def queue_depth(self) -> int:
@@ -84,12 +103,18 @@ class Scheduler:
 
     def try_submit(self, prompt_ids: list[int], params: SamplingParams) -> SequenceHandle | None:
         """Queue a sequence; None when the queue is full (the caller answers 429)."""
-        handle = SequenceHandle(prompt_ids, params, asyncio.get_running_loop())
-        with self._cond:
-            if self.full():
-                return None
-            self.waiting.append(handle)
-            self._cond.notify()
+        if self.full():
+            return None
+        handle = SequenceHandle(prompt_ids, params)
+        if self._closed:
+            handle._emit(TokenEvent(finish_reason="error", error="the model was unloaded"))
+            return handle
+        self.waiting.append(handle)
+        if self._task is None:  # started lazily: the model may be loaded before the loop runs
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                name="edgegen-scheduler")
+        self._wakeup.set()
         return handle
 
     async def drain(self, timeout: float) -> bool:
@@ -101,17 +126,58 @@ class Scheduler:
             await asyncio.sleep(0.05)
         return True
 
-    def close(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
-        self._thread.join(timeout=30)
+    async def close(self) -> None:
+        """Stop after the step in progress; what is still queued or running ends in an error."""
+        self._closed = True
+        if self._task is not None:
+            self._wakeup.set()
+            await self._task
         for handle in [*self.running, *self.waiting]:
-            handle._emit(TokenEvent(finish_reason="cancelled", error="the model was unloaded"))
+            if handle.state is not None:
+                self.engine.release(handle.state)
+            handle._emit(TokenEvent(finish_reason="error", error="the model was unloaded"))
         self.running.clear()
         self.waiting.clear()
 
-    # -- worker thread --------------------------------------------------------------------
+    # -- the stepping task ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._closed:
+            self._admit()
+            if not self.running:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = list(self.running)
+            states = [h.state for h in batch]
+            prefill = any(not s.generated for s in states)
+            started = time.perf_counter()
+            try:
+                if prefill or self.decode_step_s > INLINE_STEP_S:
+                    tokens = await asyncio.to_thread(self.engine.step, states)
+                else:
+                    tokens = self.engine.step(states)
+            except Exception as exc:  # noqa: BLE001 - engines raise GenerationError; a bug
+                # elsewhere must still end these requests rather than stop the task silently
+                if not isinstance(exc, AgentError):
+                    log.exception("engine step raised")
+                log.error("generation failed", extra={"error": str(exc)})
+                for handle in batch:
+                    self._finish(handle, TokenEvent(finish_reason="error", error=str(exc)))
+                continue
+            if not prefill:
+                took = time.perf_counter() - started
+                self.decode_step_s = took if not self.decode_step_s else \
+                    0.8 * self.decode_step_s + 0.2 * took
+            for handle, token in zip(batch, tokens):
+                self._advance(handle, token)
+            now = time.monotonic()
+            if prefill or now - self._yielded_at >= self.stream_interval \
+                    or len(self.running) < len(batch):
+                # a first token, a finished sequence, or tokens waiting long enough: let the
+                # streams send them (and the loop take new requests)
+                self._yielded_at = now
+                await asyncio.sleep(0)
 
     def _admit(self) -> None:
         for handle in [h for h in self.running if h.cancelled]:
@@ -133,28 +199,6 @@ class Scheduler:
         if handle.state is not None:
             self.engine.release(handle.state)
         handle._emit(event)
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                self._admit()
-                while not self.running and not self._stop:
-                    self._cond.wait()
-                    self._admit()
-                if self._stop:
-                    return
-                batch = list(self.running)
-            try:
-                tokens = self.engine.step([h.state for h in batch])
-            except AgentError as exc:
-                log.error("generation failed", extra={"error": str(exc)})
-                with self._cond:
-                    for handle in batch:
-                        self._finish(handle, TokenEvent(finish_reason="error", error=str(exc)))
-                continue
-            with self._cond:
-                for handle, token in zip(batch, tokens):
-                    self._advance(handle, token)
 
     def _advance(self, handle: SequenceHandle, token: int) -> None:
         state = handle.state

@@ -68,10 +68,10 @@ class LoadedModel:
     def generates(self) -> bool:
         return self.scheduler is not None
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self.scheduler is not None:
-            self.scheduler.close()
-        self.engine.close()
+            await self.scheduler.close()
+        await asyncio.to_thread(self.engine.close)
 
 
 def load_model(bundle: Bundle, settings: AgentSettings) -> LoadedModel:
@@ -81,7 +81,8 @@ def load_model(bundle: Bundle, settings: AgentSettings) -> LoadedModel:
         return LoadedModel(bundle, engine, None, None,
                            embed_slots=asyncio.Semaphore(settings.max_concurrency))
     scheduler = Scheduler(engine, max_concurrency=settings.max_concurrency,
-                          queue_size=settings.queue_size)
+                          queue_size=settings.queue_size,
+                          stream_interval=settings.stream_interval_ms / 1000)
     return LoadedModel(bundle, engine, scheduler, ChatTemplate.from_bundle(bundle))
 
 
@@ -159,7 +160,7 @@ class OpenAIServing:
             drained = await old.scheduler.drain(self.settings.drain_timeout)
             if not drained:
                 log.warning("old bundle did not drain in time; cancelling its requests")
-        await asyncio.to_thread(old.close)
+        await old.close()
 
     # -- endpoints ------------------------------------------------------------------------
 
@@ -310,7 +311,7 @@ class OpenAIServing:
                                               "prompt_tokens": n_prompt})
         if req.stream:
             self._count(endpoint, None)
-            return _stream_chunks(self.metrics, meta, stream, include_usage)
+            return ChunkStream(_stream_chunks(self.metrics, meta, stream, include_usage), handle)
         return await _collect(self, meta, stream)
 
 
@@ -344,6 +345,27 @@ class _Meta:
                 "system_fingerprint": None, "choices": choices}
 
 
+class ChunkStream:
+    """The chunks of one streamed response, as an async iterator. ``ready()`` says whether
+    more tokens are already waiting, so that a writer can send them together in one write."""
+
+    def __init__(self, chunks: AsyncIterator[dict], handle: SequenceHandle):
+        self._chunks = chunks
+        self._handle = handle
+
+    def __aiter__(self) -> ChunkStream:
+        return self
+
+    async def __anext__(self) -> dict:
+        return await self._chunks.__anext__()
+
+    def ready(self) -> bool:
+        return not self._handle.events.empty()
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+
 class _Outcome:
     """What the generator learnt by the end: finish reason, tokens, error."""
 
@@ -358,9 +380,11 @@ async def _generate(metrics: AgentMetrics, model: LoadedModel, handle: SequenceH
     detok = IncrementalDetokenizer(model.engine.tokenizer, handle.params.stop)
     outcome = _Outcome()
     first_at = last_at = None
+    consumed = 0
     try:
         async for event in handle:
             if event.token_id is not None:
+                consumed += 1
                 now = time.monotonic()
                 if first_at is None:
                     first_at = now
@@ -370,6 +394,7 @@ async def _generate(metrics: AgentMetrics, model: LoadedModel, handle: SequenceH
                 if detok.stopped:
                     handle.cancel()
                     outcome.finish_reason = "stop"
+                    outcome.completion_tokens = consumed  # not what was decoded past the stop
                     if text:
                         yield text
                     break
@@ -383,15 +408,16 @@ async def _generate(metrics: AgentMetrics, model: LoadedModel, handle: SequenceH
                 if tail:
                     yield tail
                 outcome.finish_reason = event.finish_reason
-        state = handle.state
-        outcome.completion_tokens = len(state.generated) if state is not None else 0
+        if not outcome.completion_tokens:  # ended by the scheduler: EOS counts, as in vLLM
+            state = handle.state
+            outcome.completion_tokens = len(state.generated) if state is not None else 0
         yield outcome
     finally:
         handle.cancel()
         n = handle.state.generated if handle.state is not None else []
         metrics.generated_tokens.inc(len(n))
-        if first_at is not None and last_at is not None and len(n) > 1:
-            metrics.tpot.observe((last_at - first_at) / (len(n) - 1))
+        if first_at is not None and consumed > 1:
+            metrics.tpot.observe((last_at - first_at) / (consumed - 1))
 
 
 async def _collect(serving: OpenAIServing, meta: _Meta, stream) -> ErrorResult | dict:

@@ -95,6 +95,14 @@ def test_stop_string_is_never_emitted(client, model):
     r = client.completions.create(model=model, prompt="Hello", max_tokens=20, temperature=0,
                                   stop=[stop], extra_body={"ignore_eos": True})
     assert r.choices[0].text == base[:cut] and r.choices[0].finish_reason == "stop"
+
+    def upto(n):
+        return client.completions.create(model=model, prompt="Hello", max_tokens=n, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+    # usage counts the tokens up to the one that completed the stop string, not the ones the
+    # scheduler may have decoded before the stream saw it
+    n = r.usage.completion_tokens
+    assert stop in upto(n) and (n == 1 or stop not in upto(n - 1))
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=model, prompt="Hello", max_tokens=20, temperature=0, stop=[stop], stream=True,
         extra_body={"ignore_eos": True}) if c.choices)

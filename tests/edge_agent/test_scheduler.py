@@ -1,13 +1,15 @@
-"""The scheduler on a fake engine (plain data, no model): batching, limits, cancellation."""
+"""The scheduler on a fake engine (plain data, no model): batching, limits, cancellation, where
+steps run (event loop or worker thread) and how often streams are handed their tokens."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
-
+import pytest
 from edge_agent.engine import GenerationEngine, SamplingParams, SequenceState
-from edge_agent.scheduler import Scheduler
+from edge_agent.scheduler import INLINE_STEP_S, Scheduler
 
 
 class CountingEngine(GenerationEngine):
@@ -21,12 +23,18 @@ class CountingEngine(GenerationEngine):
         self.batches: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.threads: list[tuple[bool, str]] = []   # (prefill step?, thread that ran it)
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
 
     def start(self, prompt_ids, params):
         return SequenceState(prompt_ids=list(prompt_ids), params=params)
 
     def step(self, seqs):
         self.gate.wait(10)
+        prefill = any(not s.generated for s in seqs)
+        self.threads.append((prefill, threading.current_thread().name))
+        time.sleep(self.prefill_s if prefill else self.decode_s)
         self.batches.append(len(seqs))
         out = []
         for s in seqs:
@@ -58,7 +66,7 @@ def test_max_tokens_gives_length_and_eos_gives_stop():
             b = s.try_submit([20], SamplingParams(max_tokens=10))
             return await _collect(a), await _collect(b)
         finally:
-            s.close()
+            await s.close()
     (ta, fa), (tb, fb) = run(go())
     assert (ta, fa) == ([11, 12], "length")
     assert (tb, fb) == ([21, 22, 23], "stop")  # EOS itself is not emitted
@@ -70,7 +78,7 @@ def test_context_length_caps_generation():
         try:
             return await _collect(s.try_submit([1, 2, 3, 4, 5], SamplingParams(max_tokens=100)))
         finally:
-            s.close()
+            await s.close()
     tokens, finish = run(go())
     assert len(tokens) == 3 and finish == "length"
 
@@ -87,7 +95,7 @@ def test_sequences_are_decoded_together_up_to_max_concurrency():
             results = await asyncio.gather(*(_collect(h) for h in handles))
             return engine.batches, results
         finally:
-            s.close()
+            await s.close()
     batches, results = run(go())
     assert max(batches) == 3
     assert all(f == "length" and len(t) == 5 for t, f in results)
@@ -107,5 +115,86 @@ def test_full_queue_refuses_and_cancel_frees_the_slot():
             await asyncio.wait_for(s.drain(10), 15)
             assert s.inflight == 0 and not s.full()
         finally:
-            s.close()
+            await s.close()
     run(go())
+
+
+def test_decode_steps_run_on_the_loop_and_prefills_in_a_worker_thread():
+    async def go():
+        engine = CountingEngine()
+        s = Scheduler(engine, max_concurrency=1, queue_size=0)
+        try:
+            await _collect(s.try_submit([1], SamplingParams(max_tokens=4)))
+        finally:
+            await s.close()
+        return engine.threads
+    loop_thread = threading.current_thread().name
+    steps = run(go())
+    assert steps[0][0] and steps[0][1] != loop_thread          # the prefill: off the loop
+    assert [t for _, t in steps[1:]] == [loop_thread] * 3       # short decode steps: on it
+
+
+def test_the_loop_answers_during_a_long_prefill_and_slow_decode_steps_leave_it():
+    async def go():
+        engine = CountingEngine()
+        engine.prefill_s = 0.5
+        s = Scheduler(engine, max_concurrency=1, queue_size=0)
+        try:
+            handle = s.try_submit([1], SamplingParams(max_tokens=6))
+            await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            await asyncio.sleep(0.01)                 # e.g. a health check meanwhile
+            waited = time.monotonic() - t0
+            engine.decode_s = 2 * INLINE_STEP_S       # decode steps now too slow for the loop
+            await _collect(handle)
+        finally:
+            await s.close()
+        return waited, engine.threads
+    waited, steps = run(go())
+    assert waited < 0.25                              # not stuck behind the 0.5 s prefill
+    loop_thread = threading.current_thread().name
+    # the first slow decode step runs on the loop; once measured slow, they move off it
+    assert steps[-1][1] != loop_thread and steps[-2][1] != loop_thread
+
+
+@pytest.mark.parametrize("interval, expected", [(0.0, [1, 1, 1, 1, 1]), (30.0, [1, 4])])
+def test_stream_interval_hands_over_tokens_in_batches_but_the_first_at_once(interval, expected):
+    """How many tokens a stream finds waiting each time it wakes: with an interval longer
+    than the whole generation, the first token comes alone, the rest together at the end."""
+    async def go():
+        s = Scheduler(CountingEngine(), max_concurrency=1, queue_size=0, stream_interval=interval)
+        try:
+            handle = s.try_submit([1], SamplingParams(max_tokens=5))
+            seen, tokens = [], 0
+            while tokens < 5:
+                event = await handle.events.get()
+                batch = 1 + sum(1 for e in handle.events._queue if e.token_id is not None)
+                for _ in range(batch - 1):
+                    handle.events.get_nowait()
+                seen.append(batch)
+                tokens += batch
+            return seen
+        finally:
+            await s.close()
+    assert run(go()) == expected
+
+
+def test_close_ends_what_is_queued_and_running_with_an_error():
+    async def go():
+        engine = CountingEngine()
+        engine.prefill_s = 0.2
+        s = Scheduler(engine, max_concurrency=1, queue_size=1)
+        running = s.try_submit([1], SamplingParams(max_tokens=1_000_000))
+        queued = s.try_submit([2], SamplingParams(max_tokens=3))
+        await asyncio.sleep(0.05)                     # the prefill is in its worker thread
+        await s.close()                               # waits for that step, then stops
+        ends = []
+        for h in (running, queued):
+            async for event in h:
+                if event.token_id is None:
+                    ends.append((event.finish_reason, event.error))
+        late = s.try_submit([3], SamplingParams(max_tokens=1))
+        return ends, [e async for e in late]
+    ends, late = run(go())
+    assert ends == [("error", "the model was unloaded")] * 2
+    assert late[-1].finish_reason == "error"
