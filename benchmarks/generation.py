@@ -9,7 +9,11 @@ every path generates the same count):
 - PyTorch eager fp32 ``generate``; Optimum ``ORTModelForCausalLM.generate`` on the int8
   bundle; onnxruntime-genai's own loop on the int4 and fp32 bundles.
 
-    python benchmarks/generation.py [--store DIR] [--runs 3] [--threads N]
+The int4 batch-1 comparison that matters most (agent vs onnxruntime-genai's own loop) runs
+the contenders in alternating rounds, because a shared machine's speed drifts by more than
+the difference being measured; it also reports the median of the per-round ratios.
+
+    python benchmarks/generation.py [--store DIR] [--runs 3] [--rounds 8] [--threads N]
 
 Bundles are exported into --store on first use (``exporters.export_model``) and reused.
 """
@@ -123,7 +127,8 @@ def optimum_ort(bundle, threads: int, runs: int):
     return median_runs(lambda: _hf_generate(model, ids), runs)
 
 
-def genai_loop(bundle, threads: int, runs: int):
+def genai_loop(bundle, threads: int):
+    """One timed generation per call with onnxruntime-genai's own Generator loop."""
     import onnxruntime_genai as og
     from tokenizers import Tokenizer
 
@@ -149,7 +154,7 @@ def genai_loop(bundle, threads: int, runs: int):
 
         return timed_tokens(steps())
 
-    return median_runs(once, runs)
+    return once
 
 
 # -- the agent ------------------------------------------------------------------------------
@@ -200,12 +205,40 @@ async def stream_once(client: httpx.AsyncClient, url: str) -> tuple[float, float
     return first - t0, (tokens - 1) / (last - first), tokens
 
 
-def agent_batch1(agent: AgentProc, runs: int) -> tuple[float, float]:
+def agent_stream(agent: AgentProc) -> tuple[float, float]:
+    """(ttft, decode tok/s) of one streamed request."""
     async def one():
         async with httpx.AsyncClient(timeout=300) as c:
             ttft, tps, _ = await stream_once(c, agent.url)
             return ttft, tps
-    return median_runs(lambda: asyncio.run(one()), runs)
+    return asyncio.run(one())
+
+
+def agent_whole(agent: AgentProc) -> float:
+    """Seconds for one non-streamed request of NEW tokens (prefill included)."""
+    body = {"prompt": PROMPT, "max_tokens": NEW, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(timeout=300) as c:
+        t0 = time.perf_counter()
+        r = c.post(agent.url + "/v1/completions", json=body)
+        took = time.perf_counter() - t0
+    r.raise_for_status()
+    return took
+
+
+def agent_batch1(agent: AgentProc, runs: int) -> tuple[float, float]:
+    return median_runs(lambda: agent_stream(agent), runs)
+
+
+def alternating(contenders: dict, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """Each contender once per round, in turn, after one warm-up each: on a shared machine
+    whose speed drifts, neighbours in time are what can fairly be compared."""
+    for fn in contenders.values():
+        fn()
+    results: dict[str, list] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            results[name].append(fn())
+    return results
 
 
 def agent_aggregate(agent: AgentProc, streams: int) -> float:
@@ -222,6 +255,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", type=Path, default=Path.home() / ".cache" / "edgegen" / "bench")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=8, help="alternating rounds for int4 batch 1")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--skip-torch", action="store_true")
     args = ap.parse_args()
@@ -235,17 +269,44 @@ def main() -> None:
         rows.append((name, res[1], res[0] * 1000, rss))
         print(f"  {name}: {res[1]:.1f} tok/s, ttft {res[0] * 1000:.0f} ms {rss}", file=sys.stderr)
 
-    aggregate = {}
     gate8 = (b8.manifest.get("validation") or {}).get("gate") or {}
     int8_label = "int8 optimum" + (" (quality gate forced)" if gate8.get("forced") else "")
-    for label, b in (("int4 genai", b4), ("fp32 genai", b32), (int8_label, b8)):
+
+    # int4, batch 1: the agent (default, and writing every token at once) against
+    # onnxruntime-genai's own loop, alternating round by round.
+    og4 = genai_loop(b4, t)
+    agent = AgentProc(b4, t, 8)
+    every_token = AgentProc(b4, t, 8, args=("--stream-interval-ms", "0"))
+    try:
+        paired = alternating({"agent": lambda: agent_stream(agent),
+                              "every_token": lambda: agent_stream(every_token),
+                              "whole": lambda: agent_whole(agent),
+                              "og": og4}, args.rounds)
+        aggregate = {n: agent_aggregate(agent, n) for n in (1, 4, 8)}
+        rss4 = f"{agent.peak_rss_mb():.0f} MB"
+    finally:
+        agent.stop()
+        every_token.stop()
+
+    def med(name):
+        return (statistics.median(r[0] for r in paired[name]),
+                statistics.median(r[1] for r in paired[name]))
+
+    add("edgegen agent, HTTP SSE, int4 genai", med("agent"), rss4)
+    add("edgegen agent, HTTP SSE, int4 genai, --stream-interval-ms 0", med("every_token"))
+    add("onnxruntime-genai own loop, int4 (same rounds)", med("og"))
+    ratios = {name: statistics.median(a[1] / o[1] for a, o in zip(paired[name], paired["og"]))
+              for name in ("agent", "every_token")}
+    # the same 128 tokens without streaming: HTTP request to whole response, against
+    # onnxruntime-genai's prefill + decode of the same prompt
+    ratios["whole"] = statistics.median((o[0] + (NEW - 1) / o[1]) / w
+                                        for w, o in zip(paired["whole"], paired["og"]))
+
+    for label, b in (("fp32 genai", b32), (int8_label, b8)):
         agent = AgentProc(b, t, 8)
         try:
-            res = agent_batch1(agent, args.runs)
-            if b is b4:
-                for n in (1, 4, 8):
-                    aggregate[n] = agent_aggregate(agent, n)
-            add(f"edgegen agent, HTTP SSE, {label}", res, f"{agent.peak_rss_mb():.0f} MB")
+            add(f"edgegen agent, HTTP SSE, {label}", agent_batch1(agent, args.runs),
+                f"{agent.peak_rss_mb():.0f} MB")
         finally:
             agent.stop()
     # The alternative for concurrency: the same agent stepping one onnxruntime-genai
@@ -257,8 +318,7 @@ def main() -> None:
             sequential[n] = agent_aggregate(agent, n)
     finally:
         agent.stop()
-    add("onnxruntime-genai own loop, int4", genai_loop(b4, t, args.runs))
-    add("onnxruntime-genai own loop, fp32", genai_loop(b32, t, args.runs))
+    add("onnxruntime-genai own loop, fp32", median_runs(genai_loop(b32, t), args.runs))
     add(f"Optimum ORTModelForCausalLM, {int8_label}", optimum_ort(b8, t, args.runs))
     if not args.skip_torch:
         res, n_prompt = torch_eager(t, args.runs)
@@ -267,7 +327,8 @@ def main() -> None:
     load = os.getloadavg()
     print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores ({t} threads used); load average "
           f"before/after: {load[0]:.2f}")
-    print(f"SmolLM2-135M-Instruct, batch 1, {NEW} new tokens, greedy, median of {args.runs}\n")
+    print(f"SmolLM2-135M-Instruct, batch 1, {NEW} new tokens, greedy; int4 rows: median of "
+          f"{args.rounds} alternating rounds, others: median of {args.runs}\n")
     print("| path | decode tok/s | time to first token | agent peak RSS |")
     print("| --- | --- | --- | --- |")
     for name, tps, ttft, rss in rows:
@@ -277,6 +338,10 @@ def main() -> None:
     print("| --- | --- | --- |")
     for n, v in aggregate.items():
         print(f"| {n} | {v:.1f} | {sequential[n]:.1f} |")
+    print("\nint4, batch 1, agent speed / onnxruntime-genai own loop speed, median of the "
+          f"{args.rounds} per-round ratios: streaming decode tok/s {ratios['agent']:.3f} "
+          f"(--stream-interval-ms 0: {ratios['every_token']:.3f}); whole non-streamed request "
+          f"vs prefill + decode {ratios['whole']:.3f}")
 
 
 if __name__ == "__main__":

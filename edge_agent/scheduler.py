@@ -5,20 +5,20 @@ decoded together, one engine step for all of them per iteration (continuous batc
 the scheduler level: a finished sequence's slot is refilled at the next step). Cancelling a
 handle (client gone, stop string seen) frees its slot before the next step.
 
-Two decisions here are about speed, both measured on a 2-core node (benchmarks/README.md):
+Two decisions here are about speed at batch 1 on a small node, where onnxruntime's intra-op
+threads already occupy every core and anything else the agent does per token comes out of
+decode speed (measured on 2 cores; benchmarks/README.md):
 
-- Where a step runs. A decode step of a small model takes a few milliseconds, and handing
-  each token from a worker thread to the event loop cost a cross-thread wake-up and a GIL
-  hand-over per token, about 15 % of batch-1 decode speed while onnxruntime's intra-op
-  threads occupy both cores. So short decode steps run on the event loop itself. Steps that
-  would hold the loop long run in a worker thread (onnxruntime releases the GIL), so health
-  checks and new requests are still answered: every step that prefills a prompt, and decode
-  steps once they take longer than ``INLINE_STEP_S``.
-- How often streams run. After a sequence's first token (sent at once: time to first token
-  is what a user feels), the scheduler yields to the event loop every ``stream_interval``
-  seconds rather than after every step, and the streams then send the tokens that waited in
-  one write each. Every token still arrives as its own event; the node saves a loop pass,
-  a socket write and a client wake-up per token.
+- Where a step runs. Short decode steps run on the event loop itself: no cross-thread
+  wake-up and GIL hand-over per token (measured 1-2 % faster than a worker thread). Steps
+  that would hold the loop long run in a worker thread (onnxruntime releases the GIL), so
+  health checks and new requests are still answered: every step that prefills a prompt, and
+  decode steps once they take longer than ``INLINE_STEP_S``.
+- How often streams run. A sequence's first token is handed over at once (time to first
+  token is what a user feels); after that the scheduler yields to the event loop every
+  ``stream_interval`` seconds rather than after every step, and each stream sends the tokens
+  that waited in one write. Every token is still its own SSE event; the node saves a loop
+  pass, a socket write and a client wake-up per token (~8 % faster at 20 ms than at 0).
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ class Scheduler:
             handle._emit(TokenEvent(finish_reason="error", error="the model was unloaded"))
             return handle
         self.waiting.append(handle)
-        if self._task is None:  # started lazily: the model may be loaded before the loop runs
+        if self._task is None or self._task.done():
+            # started lazily: the model may be loaded before the event loop runs
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(),
                                                                 name="edgegen-scheduler")
@@ -142,6 +143,16 @@ class Scheduler:
     # -- the stepping task ------------------------------------------------------------------
 
     async def _run(self) -> None:
+        try:
+            await self._steps()
+        except Exception:  # a bug here must end the requests, not leave them waiting forever
+            log.exception("scheduler failed")
+            for handle in [*self.running, *self.waiting]:
+                handle._emit(TokenEvent(finish_reason="error", error="internal scheduler error"))
+            self.running.clear()
+            self.waiting.clear()
+
+    async def _steps(self) -> None:
         while not self._closed:
             self._admit()
             if not self.running:
