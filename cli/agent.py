@@ -47,6 +47,9 @@ def agent(
                                        help="Address others reach this agent at."),
 ) -> None:
     """Serve a bundle with an OpenAI-compatible API."""
+    from edge_agent.hugepages import reexec_with_hugepages
+
+    reexec_with_hugepages()  # once, before anything is loaded (EDGEGEN_HUGEPAGES=0: off)
     from edge_agent.runner import prepare, run_agent
     from edge_agent.settings import AgentSettings
 

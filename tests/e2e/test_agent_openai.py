@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from edge_agent import hugepages
 from tests.e2e.agent_support import start_agent
 
 
@@ -199,3 +200,21 @@ def test_metrics_pass_promtool_and_count_requests(agent, client, model):
         assert name in text, name
     assert 'edgegen_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert f'name="{model}"' in text
+
+
+
+def test_agent_runs_with_huge_page_malloc(agent, client, model, monkeypatch):
+    """The agent re-executes itself once with glibc's hugetlb tunable (edge_agent/hugepages.py);
+    where the kernel offers transparent huge pages, the weights then sit in them."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("EDGEGEN_HUGEPAGES", raising=False)
+    host_allows = hugepages.wanted()          # Linux, glibc >= 2.35, THP not "never"
+    pid = agent.proc.proc.pid
+    environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    assert (b"GLIBC_TUNABLES=" + hugepages.TUNABLE.encode() in environ) == host_allows
+    if host_allows:
+        client.completions.create(model=model, prompt="Hi", max_tokens=2)
+        rollup = open(f"/proc/{pid}/smaps_rollup").read()
+        huge_kb = int(next(line.split()[1] for line in rollup.splitlines()
+                           if line.startswith("AnonHugePages:")))
+        assert huge_kb > 0
