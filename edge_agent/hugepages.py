@@ -4,7 +4,8 @@ Every decoded token reads all the weights (90 MB for SmolLM2 int4), so the agent
 memory and, with 4 KiB pages, by TLB misses. With glibc's ``glibc.malloc.hugetlb=1`` (glibc
 2.35+) malloc asks the kernel for transparent huge pages (``madvise``), which Debian and most
 distributions enable on request; onnxruntime's weight buffers then sit in 2 MiB pages.
-Measured on 2 cores: batch-1 decode 4-8 % faster, RSS unchanged (benchmarks/README.md).
+Measured on 2 cores: batch-1 decode through the agent 3-4 % faster, RSS unchanged
+(benchmarks/README.md).
 
 glibc reads tunables only when a process starts, so the agent command re-executes itself once
 with the tunable added to ``GLIBC_TUNABLES``. ``EDGEGEN_HUGEPAGES=0`` turns this off.
