@@ -29,7 +29,7 @@ class AgentSettings:
     max_concurrency: int = 4          # sequences decoded together
     queue_size: int = 16              # requests waiting beyond max_concurrency before 429
     max_tokens_default: int = 256     # when a request names no max_tokens
-    stream_interval_ms: int = 20      # streams get new tokens at least this often (0: each step)
+    stream_interval_ms: int = 20      # streams get new tokens every N ms (0: every step)
     drain_timeout: float = 30.0       # seconds in-flight requests get on SIGTERM or bundle swap
     admin_token: str | None = None    # bearer token for POST /edgegen/v1/bundle; None = disabled
     store: Path = field(default_factory=default_store)  # content-addressed bundle cache
