@@ -14,6 +14,7 @@ the contenders in alternating rounds, because a shared machine's speed drifts by
 the difference being measured; it also reports the median of the per-round ratios.
 
     python benchmarks/generation.py [--store DIR] [--runs 3] [--rounds 8] [--threads N]
+                                    [--skip-torch] [--batch1-only]
 
 Bundles are exported into --store on first use (``exporters.export_model``) and reused.
 """
@@ -258,6 +259,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8, help="alternating rounds for int4 batch 1")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--batch1-only", action="store_true",
+                    help="only the alternating int4 batch-1 comparison, then its ratios")
     args = ap.parse_args()
     t = args.threads
     b4 = bundle_for(args.store, "int4", "genai")
@@ -282,7 +285,8 @@ def main() -> None:
                               "every_token": lambda: agent_stream(every_token),
                               "whole": lambda: agent_whole(agent),
                               "og": og4}, args.rounds)
-        aggregate = {n: agent_aggregate(agent, n) for n in (1, 4, 8)}
+        aggregate = {} if args.batch1_only else \
+            {n: agent_aggregate(agent, n) for n in (1, 4, 8)}
         rss4 = f"{agent.peak_rss_mb():.0f} MB"
     finally:
         agent.stop()
@@ -301,6 +305,10 @@ def main() -> None:
     # onnxruntime-genai's prefill + decode of the same prompt
     ratios["whole"] = statistics.median((o[0] + (NEW - 1) / o[1]) / w
                                         for w, o in zip(paired["whole"], paired["og"]))
+
+    if args.batch1_only:
+        print_ratios(ratios, args.rounds)
+        return
 
     for label, b in (("fp32 genai", b32), (int8_label, b8)):
         agent = AgentProc(b, t, 8)
@@ -338,8 +346,12 @@ def main() -> None:
     print("| --- | --- | --- |")
     for n, v in aggregate.items():
         print(f"| {n} | {v:.1f} | {sequential[n]:.1f} |")
+    print_ratios(ratios, args.rounds)
+
+
+def print_ratios(ratios: dict[str, float], rounds: int) -> None:
     print("\nint4, batch 1, agent speed / onnxruntime-genai own loop speed, median of the "
-          f"{args.rounds} per-round ratios: streaming decode tok/s {ratios['agent']:.3f} "
+          f"{rounds} per-round ratios: streaming decode tok/s {ratios['agent']:.3f} "
           f"(--stream-interval-ms 0: {ratios['every_token']:.3f}); whole non-streamed request "
           f"vs prefill + decode {ratios['whole']:.3f}")
 
