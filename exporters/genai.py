@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from exporters.errors import ExportError, UnsupportedModel
+from exporters.graph_fusion import fuse_matmulnbits_siblings
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ def build(hf_dir: Path, out_dir: Path, *, precision: str, device: str, context_l
             shutil.copy2(hf_dir / name, out_dir / name)
     set_runtime_options(out_dir / "genai_config.json", context_length=context_length,
                         threads=threads)
+    if device == "cpu":
+        fuse_matmulnbits_siblings(out_dir / "model.onnx")
 
 
 def set_runtime_options(path: Path, *, context_length: int, threads: int) -> None:
