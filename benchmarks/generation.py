@@ -3,8 +3,9 @@
 SmolLM2-135M-Instruct, batch 1, a 28-token prompt, 128 new tokens, greedy (EOS ignored so
 every path generates the same count):
 
-- the agent through its own HTTP streaming API (SSE), for the int4 and fp32 genai bundles
-  and the int8 optimum bundle; aggregate tok/s at 1, 4 and 8 concurrent streams on int4;
+- the agent through its own HTTP streaming API (SSE, read with the standard library's
+  http.client; int4 also with httpx), for the int4 and fp32 genai bundles and the int8
+  optimum bundle; aggregate tok/s at 1, 4 and 8 concurrent streams on int4;
   the agent process's peak RSS (VmHWM);
 - PyTorch eager fp32 ``generate``; Optimum ``ORTModelForCausalLM.generate`` on the int8
   bundle; onnxruntime-genai's own loop on the int4 and fp32 bundles.
@@ -16,7 +17,8 @@ the difference being measured; it also reports the median of the per-round ratio
     python benchmarks/generation.py [--store DIR] [--runs 3] [--rounds 8] [--threads N]
                                     [--skip-torch] [--batch1-only]
 
-Bundles are exported into --store on first use (``exporters.export_model``) and reused.
+Bundles are exported into --store on first use (``exporters.export_model``) and reused;
+empty --store after upgrading edgegen to time what the new exporter writes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import http.client
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +44,9 @@ sys.path.insert(0, str(REPO))
 PROMPT = ("The history of the city begins with a small fishing village on the river. Over "
           "the centuries it grew into a busy port town, and")  # 28 tokens
 NEW = 128
+# Pause before each timed call: onnxruntime's pool threads spin for a while after a run, and
+# the previous contender's would take a core from the next one's first token.
+SETTLE_S = 0.3
 
 
 def cpu_model() -> str:
@@ -235,11 +241,15 @@ def agent_stream(agent: AgentProc) -> tuple[float, float]:
 
 def agent_stream_stdlib(agent: AgentProc) -> tuple[float, float]:
     """The same request read with the standard library's http.client. The client shares the
-    machine's cores with the agent, so its CPU slows the agent down: reading one 128-token
-    stream took 7 ms of CPU with http.client and 39 ms with httpx here."""
+    machine's cores with the agent, so its CPU slows the agent down: one streamed request of
+    128 tokens took 7 ms of client CPU with http.client and 39 ms with httpx here."""
     conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=300)
     try:
         clock = StreamClock()
+        conn.connect()
+        # http.client sends the headers and the body in two writes; with Nagle's algorithm on,
+        # the body can wait for the agent's (delayed, up to 40 ms) ACK of the headers
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.request("POST", "/v1/completions", json.dumps(STREAM_BODY),
                      {"content-type": "application/json"})
         response = conn.getresponse()
@@ -276,18 +286,20 @@ def alternating(contenders: dict, rounds: int) -> dict[str, list[tuple[float, fl
     results: dict[str, list] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
+            time.sleep(SETTLE_S)
             results[name].append(fn())
     return results
 
 
-def agent_aggregate(agent: AgentProc, streams: int) -> float:
+def agent_aggregate(agent: AgentProc, streams: int, runs: int) -> float:
+    """Median aggregate tok/s of ``streams`` requests sent at once, over ``runs`` tries."""
     async def go():
         async with httpx.AsyncClient(timeout=600) as c:
             t0 = time.perf_counter()
             results = await asyncio.gather(*(stream_once(c, agent.url) for _ in range(streams)))
             return sum(r[2] for r in results) / (time.perf_counter() - t0)
     asyncio.run(go())  # warm-up
-    return asyncio.run(go())
+    return statistics.median(asyncio.run(go()) for _ in range(runs))
 
 
 def main() -> None:
@@ -325,7 +337,7 @@ def main() -> None:
                               "whole": lambda: agent_whole(agent),
                               "og": og4}, args.rounds)
         aggregate = {} if args.batch1_only else \
-            {n: agent_aggregate(agent, n) for n in (1, 4, 8)}
+            {n: agent_aggregate(agent, n, args.runs) for n in (1, 4, 8)}
         rss4 = f"{agent.peak_rss_mb():.0f} MB"
     finally:
         agent.stop()
@@ -363,7 +375,7 @@ def main() -> None:
     agent = AgentProc(b4, t, 8, env={"EDGEGEN_GENAI_BATCH": "0"})
     try:
         for n in (1, 4, 8):
-            sequential[n] = agent_aggregate(agent, n)
+            sequential[n] = agent_aggregate(agent, n, args.runs)
     finally:
         agent.stop()
     add("onnxruntime-genai own loop, fp32", median_runs(genai_loop(b32, t), args.runs))

@@ -4,6 +4,7 @@ rules, and the watcher following a real `edgegen registry` process (changes, out
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import httpx
@@ -92,13 +93,11 @@ def test_watcher_resets_a_backwards_index_with_a_fake_consul():
     async def scenario():
         w = ServiceWatcher("http://consul.test", "edgegen-edge", wait="5s", rate_interval=0.01,
                            transport=httpx.MockTransport(handler))
-        task = asyncio.create_task(w.run())
-        for _ in range(200):
-            if len(seen_params) >= 5:
-                break
-            await asyncio.sleep(0.01)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        async with running(w):
+            for _ in range(200):
+                if len(seen_params) >= 5:
+                    break
+                await asyncio.sleep(0.01)
         return w
 
     w = asyncio.run(scenario())
@@ -126,6 +125,17 @@ async def until(predicate, timeout: float = 15.0) -> float:
     return time.monotonic() - t0
 
 
+@contextlib.asynccontextmanager
+async def running(watcher: ServiceWatcher):
+    """The watcher's loop runs as a task inside the block and is cancelled after it."""
+    task = asyncio.create_task(watcher.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def test_watcher_follows_a_real_registry_through_an_outage(tmp_path):
     port = free_port()
     proc, url = start_registry(tmp_path, port=port, data_dir=tmp_path / "data", name="reg1")
@@ -135,8 +145,7 @@ def test_watcher_follows_a_real_registry_through_an_outage(tmp_path):
         nonlocal proc
         w = ServiceWatcher(url, "edgegen-edge", wait="30s", max_backoff=0.5,
                            on_change=lambda eps: changes.append([e.id for e in eps]))
-        task = asyncio.create_task(w.run())
-        try:
+        async with running(w):
             assert await w.wait_loaded(15)
             assert w.endpoints == [] and not w.stale and w.last_index >= 1
             register(url, "a", region="eu")
@@ -159,9 +168,6 @@ def test_watcher_follows_a_real_registry_through_an_outage(tmp_path):
             assert [e.id for e in w.endpoints] == ["a"]
             register(url, "c")
             await until(lambda: sorted(e.id for e in w.endpoints) == ["a", "c"])
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     try:
         asyncio.run(scenario())
@@ -177,8 +183,7 @@ def test_watcher_started_before_the_registry_loads_once_it_appears(tmp_path):
 
     async def scenario():
         w = ServiceWatcher(url, "edgegen-edge", max_backoff=0.5)
-        task = asyncio.create_task(w.run())
-        try:
+        async with running(w):
             await asyncio.sleep(1.0)
             assert w.stale and w.endpoints == [] and w.last_error
             proc, _ = start_registry(tmp_path, port=port)
@@ -186,9 +191,6 @@ def test_watcher_started_before_the_registry_loads_once_it_appears(tmp_path):
             register(url, "late")
             await until(lambda: [e.id for e in w.endpoints] == ["late"], timeout=20)
             assert not w.stale
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     try:
         asyncio.run(scenario())
@@ -219,13 +221,9 @@ def test_watcher_with_near_orders_by_rtt_over_a_real_registry(tmp_path):
 
     async def scenario():
         w = ServiceWatcher(url, "edgegen-edge", near="paris")
-        task = asyncio.create_task(w.run())
-        try:
+        async with running(w):
             await until(lambda: len(w.endpoints) == 3)
             return w.endpoints
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     try:
         eps = asyncio.run(scenario())
