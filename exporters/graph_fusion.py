@@ -33,12 +33,13 @@ def fuse_matmulnbits_siblings(model_path: Path) -> int:
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
+    groups = _sibling_groups(model.graph)
+    if not groups:
+        return 0  # decided from the graph alone: an fp32 model's weights are never read
     data_files = sorted({entry.value for tensor in model.graph.initializer
                          for entry in tensor.external_data if entry.key == "location"})
     onnx.load_external_data_for_model(model, str(model_path.parent))
-    fused = _fuse(model)
-    if not fused:
-        return 0
+    _stack(model.graph, groups)
     mode = model_path.stat().st_mode & 0o777
     for name in data_files:
         # onnx appends to an existing external data file; the tensors are in memory now
@@ -47,24 +48,29 @@ def fuse_matmulnbits_siblings(model_path: Path) -> int:
     onnx.save(model, str(model_path), save_as_external_data=True,
               all_tensors_to_one_file=True, location=location)
     (model_path.parent / location).chmod(mode)  # onnx creates it owner-only
-    log.info("fused MatMulNBits siblings", extra={"groups": fused, "model": str(model_path)})
-    return fused
+    log.info("fused MatMulNBits siblings", extra={"groups": len(groups),
+                                                  "model": str(model_path)})
+    return len(groups)
 
 
-def _fuse(model) -> int:
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
+def _sibling_groups(graph) -> list[list]:
+    """MatMulNBits nodes that can be stacked, in groups of two or more, in graph order."""
     inits = {t.name: t for t in graph.initializer}
     groups: dict[tuple, list] = defaultdict(list)
     for node in graph.node:
         key = _sibling_key(node, inits)
         if key is not None:
             groups[key].append(node)
-    merges = {id(nodes[0]): nodes for nodes in groups.values() if len(nodes) > 1}
-    if not merges:
-        return 0
-    dropped = {id(n) for nodes in merges.values() for n in nodes[1:]}
+    return [nodes for nodes in groups.values() if len(nodes) > 1]
+
+
+def _stack(graph, groups: list[list]) -> None:
+    """Replace each group by one MatMulNBits at its first member's place, then a Split."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    merges = {id(nodes[0]): nodes for nodes in groups}
+    dropped = {id(n) for nodes in groups for n in nodes[1:]}
     new_nodes = []
     for node in graph.node:
         if id(node) in dropped:
@@ -77,7 +83,7 @@ def _fuse(model) -> int:
         widths = [_attr(n, "N") for n in nodes]
         name = node.name + "/fused_siblings"
         stacked = []
-        for slot in range(1, len(node.input)):  # B, scales[, zero_points]: all stack along N
+        for slot in range(1, len(node.input)):  # B, scales[, zero_points]
             arrays = [numpy_helper.to_array(inits[n.input[slot]]) for n in nodes]
             # N is the leading axis of B, scales and zero_points
             tensor = numpy_helper.from_array(np.concatenate(arrays), f"{name}.input{slot}")
@@ -98,7 +104,6 @@ def _fuse(model) -> int:
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return len(merges)
 
 
 def _sibling_key(node, inits) -> tuple | None:
