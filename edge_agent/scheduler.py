@@ -18,13 +18,14 @@ decode speed (measured on 2 cores; benchmarks/README.md):
   token is what a user feels); after that the scheduler yields to the event loop every
   ``stream_interval`` seconds rather than after every step, and each stream sends the tokens
   that waited in one write. Every token is still its own SSE event; the node saves a loop
-  pass, a socket write and a client wake-up per token (~8 % faster at 20 ms than at 0).
+  pass, a socket write and a client wake-up per token (3-8 % faster at 20 ms than at 0).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -37,6 +38,15 @@ log = logging.getLogger(__name__)
 # Decode steps faster than this run on the event loop (no per-token thread hand-off); the
 # loop is then never blocked longer than this by decoding.
 INLINE_STEP_S = 0.025
+RETRY_AFTER_MAX_S = 60
+
+
+def retry_after_s(slot_s: float, max_concurrency: int) -> int:
+    """Seconds a refused client should wait: when the queue is full, a place opens as soon as
+    the next running sequence finishes, one of ``max_concurrency`` that each hold a slot for
+    ``slot_s`` on average (0 while nothing has finished yet). Whole seconds, as HTTP's
+    Retry-After takes, from 1 to ``RETRY_AFTER_MAX_S``."""
+    return min(RETRY_AFTER_MAX_S, max(1, math.ceil(slot_s / max(1, max_concurrency))))
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,7 @@ class SequenceHandle:
         self.cancelled = False
         self.state: SequenceState | None = None
         self.submitted = time.monotonic()
+        self.admitted = self.submitted   # when it got a decoding slot
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -85,6 +96,7 @@ class Scheduler:
         self.waiting: deque[SequenceHandle] = deque()
         self.running: list[SequenceHandle] = []
         self.decode_step_s = 0.0   # moving average of decode-step time
+        self.slot_s = 0.0          # moving average of how long a finished sequence ran
         self._task: asyncio.Task | None = None
         self._wakeup: asyncio.Event | None = None
         self._closed = False
@@ -100,6 +112,9 @@ class Scheduler:
 
     def full(self) -> bool:
         return self.inflight >= self.max_concurrency + self.queue_size
+
+    def retry_after_s(self) -> int:
+        return retry_after_s(self.slot_s, self.max_concurrency)
 
     def try_submit(self, prompt_ids: list[int], params: SamplingParams) -> SequenceHandle | None:
         """Queue a sequence; None when the queue is full (the caller answers 429)."""
@@ -203,10 +218,14 @@ class Scheduler:
             except AgentError as exc:
                 handle._emit(TokenEvent(finish_reason="error", error=str(exc)))
                 continue
+            handle.admitted = time.monotonic()
             self.running.append(handle)
 
     def _finish(self, handle: SequenceHandle, event: TokenEvent) -> None:
         self.running.remove(handle)
+        if event.finish_reason in ("stop", "length"):
+            took = time.monotonic() - handle.admitted
+            self.slot_s = took if not self.slot_s else 0.8 * self.slot_s + 0.2 * took
         if handle.state is not None:
             self.engine.release(handle.state)
         handle._emit(event)

@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
-RETRY_AFTER_S = 1
 
 
 @dataclass
@@ -225,7 +224,7 @@ class OpenAIServing:
                     400, f"input[{i}] has {n} tokens; the model's context length is "
                     f"{model.engine.context_length}", param="input", code="context_length_exceeded"))
         if model.embed_waiting >= self.settings.max_concurrency + self.settings.queue_size:
-            return self._count(EMBEDDINGS, _queue_full())
+            return self._count(EMBEDDINGS, _queue_full(1))  # an embedding takes milliseconds
         model.embed_waiting += 1
         try:
             async with model.embed_slots:
@@ -300,7 +299,7 @@ class OpenAIServing:
             seed=req.seed, stop=req.stop_list(), ignore_eos=req.ignore_eos)
         handle = model.scheduler.try_submit(prompt_ids, params)
         if handle is None:
-            return self._count(endpoint, _queue_full())
+            return self._count(endpoint, _queue_full(model.scheduler.retry_after_s()))
         self.metrics.prompt_tokens.inc(n_prompt)
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -320,9 +319,9 @@ def _unknown_model(asked: str, served: str) -> ErrorResult:
                  param="model", code="model_not_found")
 
 
-def _queue_full() -> ErrorResult:
+def _queue_full(retry_after: int) -> ErrorResult:
     return error(429, "the agent's queue is full; retry shortly", code="queue_full",
-                 headers={"Retry-After": str(RETRY_AFTER_S)})
+                 headers={"Retry-After": str(retry_after)})
 
 
 @dataclass

@@ -4,12 +4,13 @@ steps run (event loop or worker thread) and how often streams are handed their t
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 
 import pytest
 from edge_agent.engine import GenerationEngine, SamplingParams, SequenceState
-from edge_agent.scheduler import INLINE_STEP_S, Scheduler
+from edge_agent.scheduler import INLINE_STEP_S, RETRY_AFTER_MAX_S, Scheduler, retry_after_s
 
 
 class CountingEngine(GenerationEngine):
@@ -117,6 +118,35 @@ def test_full_queue_refuses_and_cancel_frees_the_slot():
         finally:
             await s.close()
     run(go())
+
+
+@pytest.mark.parametrize("slot_s, concurrency, expected", [
+    (0.0, 4, 1),       # nothing finished yet
+    (0.8, 8, 1),       # a place opens within the second
+    (10.0, 2, 5),
+    (10.1, 2, 6),      # rounded up: a client back too early is refused again
+    (900.0, 1, RETRY_AFTER_MAX_S),
+    (3.0, 0, 3),
+])
+def test_retry_after_is_when_the_next_running_sequence_should_finish(slot_s, concurrency,
+                                                                      expected):
+    assert retry_after_s(slot_s, concurrency) == expected
+
+
+def test_retry_after_follows_how_long_sequences_hold_their_slot():
+    async def go():
+        engine = CountingEngine()
+        engine.decode_s = 0.05
+        s = Scheduler(engine, max_concurrency=1, queue_size=0)
+        try:
+            assert s.retry_after_s() == 1
+            tokens, finish = await _collect(s.try_submit([1], SamplingParams(max_tokens=30)))
+            assert finish == "length"
+            return s.slot_s, s.retry_after_s()
+        finally:
+            await s.close()
+    slot_s, retry = run(go())
+    assert 1.3 < slot_s < 5 and retry == math.ceil(slot_s)
 
 
 def test_decode_steps_run_on_the_loop_and_prefills_in_a_worker_thread():
