@@ -351,12 +351,12 @@ def main() -> None:
     add("edgegen agent, HTTP SSE, int4 genai, read with httpx", med("agent_httpx"))
     add("edgegen agent, HTTP SSE, int4 genai, --stream-interval-ms 0", med("every_token"))
     add("onnxruntime-genai own loop, int4 (same rounds)", med("og"))
-    ratios = {name: statistics.median(a[1] / o[1] for a, o in zip(paired[name], paired["og"]))
+    ratios = {name: [a[1] / o[1] for a, o in zip(paired[name], paired["og"])]
               for name in ("agent", "agent_httpx", "every_token")}
     # the same 128 tokens without streaming: HTTP request to whole response, against
     # onnxruntime-genai's prefill + decode of the same prompt
-    ratios["whole"] = statistics.median((o[0] + (NEW - 1) / o[1]) / w
-                                        for w, o in zip(paired["whole"], paired["og"]))
+    ratios["whole"] = [(o[0] + (NEW - 1) / o[1]) / w
+                       for w, o in zip(paired["whole"], paired["og"])]
 
     if args.batch1_only:
         print_ratios(ratios, args.rounds)
@@ -401,12 +401,18 @@ def main() -> None:
     print_ratios(ratios, args.rounds)
 
 
-def print_ratios(ratios: dict[str, float], rounds: int) -> None:
-    print("\nint4, batch 1, agent speed / onnxruntime-genai own loop speed, median of the "
-          f"{rounds} per-round ratios: streaming decode tok/s {ratios['agent']:.3f} "
-          f"(read with httpx: {ratios['agent_httpx']:.3f}; --stream-interval-ms 0: "
-          f"{ratios['every_token']:.3f}); whole non-streamed request vs prefill + decode "
-          f"{ratios['whole']:.3f}")
+def print_ratios(ratios: dict[str, list[float]], rounds: int) -> None:
+    def spread(values: list[float]) -> str:
+        if len(values) < 2:
+            return f"{statistics.median(values):.3f}"
+        q1, q2, q3 = statistics.quantiles(values, n=4)
+        return f"{q2:.3f} [{q1:.3f}-{q3:.3f}]"
+
+    print("\nint4, batch 1, agent speed / onnxruntime-genai own loop speed, median "
+          f"[quartiles] of the {rounds} per-round ratios: streaming decode tok/s "
+          f"{spread(ratios['agent'])}; read with httpx {spread(ratios['agent_httpx'])}; "
+          f"--stream-interval-ms 0 {spread(ratios['every_token'])}; whole non-streamed "
+          f"request vs prefill + decode {spread(ratios['whole'])}")
 
 
 if __name__ == "__main__":
