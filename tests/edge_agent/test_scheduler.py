@@ -4,6 +4,7 @@ steps run (event loop or worker thread) and how often streams are handed their t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
@@ -59,15 +60,22 @@ def run(coro):
     return asyncio.run(coro)
 
 
+@contextlib.asynccontextmanager
+async def scheduling(engine: GenerationEngine, **options):
+    """A scheduler on ``engine`` for the block, closed after it."""
+    s = Scheduler(engine, **options)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
 def test_max_tokens_gives_length_and_eos_gives_stop():
     async def go():
-        s = Scheduler(CountingEngine(eos_after=3), max_concurrency=2, queue_size=2)
-        try:
+        async with scheduling(CountingEngine(eos_after=3), max_concurrency=2, queue_size=2) as s:
             a = s.try_submit([10], SamplingParams(max_tokens=2))
             b = s.try_submit([20], SamplingParams(max_tokens=10))
             return await _collect(a), await _collect(b)
-        finally:
-            await s.close()
     (ta, fa), (tb, fb) = run(go())
     assert (ta, fa) == ([11, 12], "length")
     assert (tb, fb) == ([21, 22, 23], "stop")  # EOS itself is not emitted
@@ -75,11 +83,9 @@ def test_max_tokens_gives_length_and_eos_gives_stop():
 
 def test_context_length_caps_generation():
     async def go():
-        s = Scheduler(CountingEngine(context_length=8), max_concurrency=1, queue_size=0)
-        try:
+        engine = CountingEngine(context_length=8)
+        async with scheduling(engine, max_concurrency=1, queue_size=0) as s:
             return await _collect(s.try_submit([1, 2, 3, 4, 5], SamplingParams(max_tokens=100)))
-        finally:
-            await s.close()
     tokens, finish = run(go())
     assert len(tokens) == 3 and finish == "length"
 
@@ -87,16 +93,13 @@ def test_context_length_caps_generation():
 def test_sequences_are_decoded_together_up_to_max_concurrency():
     async def go():
         engine = CountingEngine()
-        s = Scheduler(engine, max_concurrency=3, queue_size=5)
         engine.gate.clear()
-        try:
+        async with scheduling(engine, max_concurrency=3, queue_size=5) as s:
             handles = [s.try_submit([i * 100], SamplingParams(max_tokens=5)) for i in range(5)]
             await asyncio.sleep(0.2)
             engine.gate.set()
             results = await asyncio.gather(*(_collect(h) for h in handles))
             return engine.batches, results
-        finally:
-            await s.close()
     batches, results = run(go())
     assert max(batches) == 3
     assert all(f == "length" and len(t) == 5 for t, f in results)
@@ -105,8 +108,7 @@ def test_sequences_are_decoded_together_up_to_max_concurrency():
 def test_full_queue_refuses_and_cancel_frees_the_slot():
     async def go():
         engine = CountingEngine()
-        s = Scheduler(engine, max_concurrency=1, queue_size=1)
-        try:
+        async with scheduling(engine, max_concurrency=1, queue_size=1) as s:
             a = s.try_submit([1], SamplingParams(max_tokens=10_000_000))
             b = s.try_submit([2], SamplingParams(max_tokens=1))
             assert s.full() and s.try_submit([3], SamplingParams(max_tokens=1)) is None
@@ -115,8 +117,6 @@ def test_full_queue_refuses_and_cancel_frees_the_slot():
             assert fb == "length"
             await asyncio.wait_for(s.drain(10), 15)
             assert s.inflight == 0 and not s.full()
-        finally:
-            await s.close()
     run(go())
 
 
@@ -137,14 +137,11 @@ def test_retry_after_follows_how_long_sequences_hold_their_slot():
     async def go():
         engine = CountingEngine()
         engine.decode_s = 0.05
-        s = Scheduler(engine, max_concurrency=1, queue_size=0)
-        try:
+        async with scheduling(engine, max_concurrency=1, queue_size=0) as s:
             assert s.retry_after_s() == 1
             tokens, finish = await _collect(s.try_submit([1], SamplingParams(max_tokens=30)))
             assert finish == "length"
             return s.slot_s, s.retry_after_s()
-        finally:
-            await s.close()
     slot_s, retry = run(go())
     assert 1.3 < slot_s < 5 and retry == math.ceil(slot_s)
 
@@ -152,11 +149,8 @@ def test_retry_after_follows_how_long_sequences_hold_their_slot():
 def test_decode_steps_run_on_the_loop_and_prefills_in_a_worker_thread():
     async def go():
         engine = CountingEngine()
-        s = Scheduler(engine, max_concurrency=1, queue_size=0)
-        try:
+        async with scheduling(engine, max_concurrency=1, queue_size=0) as s:
             await _collect(s.try_submit([1], SamplingParams(max_tokens=4)))
-        finally:
-            await s.close()
         return engine.threads
     loop_thread = threading.current_thread().name
     steps = run(go())
@@ -168,8 +162,7 @@ def test_the_loop_answers_during_a_long_prefill_and_slow_decode_steps_leave_it()
     async def go():
         engine = CountingEngine()
         engine.prefill_s = 0.5
-        s = Scheduler(engine, max_concurrency=1, queue_size=0)
-        try:
+        async with scheduling(engine, max_concurrency=1, queue_size=0) as s:
             handle = s.try_submit([1], SamplingParams(max_tokens=6))
             await asyncio.sleep(0.05)
             t0 = time.monotonic()
@@ -177,8 +170,6 @@ def test_the_loop_answers_during_a_long_prefill_and_slow_decode_steps_leave_it()
             waited = time.monotonic() - t0
             engine.decode_s = 2 * INLINE_STEP_S       # decode steps now too slow for the loop
             await _collect(handle)
-        finally:
-            await s.close()
         return waited, engine.threads
     waited, steps = run(go())
     assert waited < 0.25                              # not stuck behind the 0.5 s prefill
@@ -192,8 +183,8 @@ def test_stream_interval_hands_over_tokens_in_batches_but_the_first_at_once(inte
     """How many tokens a stream finds waiting each time it wakes: with an interval longer
     than the whole generation, the first token comes alone, the rest together at the end."""
     async def go():
-        s = Scheduler(CountingEngine(), max_concurrency=1, queue_size=0, stream_interval=interval)
-        try:
+        async with scheduling(CountingEngine(), max_concurrency=1, queue_size=0,
+                              stream_interval=interval) as s:
             handle = s.try_submit([1], SamplingParams(max_tokens=5))
             seen, tokens = [], 0
             while tokens < 5:
@@ -204,8 +195,6 @@ def test_stream_interval_hands_over_tokens_in_batches_but_the_first_at_once(inte
                 seen.append(batch)
                 tokens += batch
             return seen
-        finally:
-            await s.close()
     assert run(go()) == expected
 
 
