@@ -63,7 +63,7 @@ def bundle_for(store: Path, precision: str, exporter: str):
     for b in iter_bundles(store):
         if b.name == name:
             return b
-    from exporters import export_model
+    from exporters.pipeline import export_model
 
     print(f"exporting {name} (first run only)...", file=sys.stderr)
     # force: this measures speed; an int8 bundle that misses the quality gate is still timed

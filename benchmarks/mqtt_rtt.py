@@ -27,8 +27,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from edge_agent.mqtt_client import MqttChatClient  # noqa: E402
-from edge_agent.mqtt_protocol import answer_text  # noqa: E402
+from edge_agent.mqtt.device_client import MqttChatClient  # noqa: E402
+from edge_agent.mqtt.contract import answer_text  # noqa: E402
 from tests.support.mosquitto import Mosquitto  # noqa: E402
 from tests.support.procs import EdgegenProcess, free_port, wait_http  # noqa: E402
 

@@ -48,7 +48,7 @@ def tiny_bundle(store: Path) -> Path:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from exporters import export_model
+    from exporters.pipeline import export_model
     from exporters.sources import resolve_source
 
     src = resolve_source("builtin:smollm2-135m-instruct").hf_dir

@@ -99,7 +99,7 @@ def pull(
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from edge_agent.bundle import default_store
-    from edge_agent.bundle_fetch import fetch_bundle
+    from edge_agent.bundle.fetch import fetch_bundle
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), console=console, transient=True) as bar:
@@ -123,7 +123,7 @@ def serve(
     """Publish a store over HTTP (Range requests supported) for `edgegen bundle pull`/agents."""
     import uvicorn
 
-    from edge_agent.bundle_server import create_bundle_server
+    from edge_agent.bundle.publish import create_bundle_server
 
     if not store.is_dir():
         raise typer.BadParameter(f"{store} is not a directory", param_hint="STORE")

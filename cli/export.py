@@ -81,7 +81,7 @@ def export(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from cli.bundle import manifest_table
-    from exporters import export_model
+    from exporters.pipeline import export_model
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=False) as bar:

@@ -33,8 +33,8 @@ def chat(
     show_usage: bool = typer.Option(False, "--usage", help="Print token usage at the end."),
 ) -> None:
     """Send one chat request over MQTT and print the answer as it streams in."""
-    from edge_agent.mqtt_client import MqttChatClient
-    from edge_agent.mqtt_protocol import answer_text
+    from edge_agent.mqtt.device_client import MqttChatClient
+    from edge_agent.mqtt.contract import answer_text
 
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}]

@@ -1,52 +1,62 @@
 """Run the agent under uvicorn with a graceful drain on SIGTERM.
 
-On the first SIGTERM/SIGINT the agent stops being ready (``/readyz`` answers 503 at once, so
-Consul and the router stop sending), keeps serving what is in flight for up to
-``drain_timeout`` seconds, then uvicorn shuts down and the process exits 0. A second
+On the first SIGTERM/SIGINT the agent begins its drain (``ModelHost.begin_drain``: ``/readyz``
+answers 503 at once, so Consul and the router stop sending), keeps serving what is in flight
+for up to ``drain_timeout`` seconds, then uvicorn shuts down and the process exits 0. A second
 signal exits at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-import time
 
 import uvicorn
 
 from edge_agent.app import create_app
 from edge_agent.bundle import open_bundle
-from edge_agent.bundle_fetch import Progress, resolve_bundle
-from edge_agent.engine import providers_for
-from edge_agent.serving import load_model
+from edge_agent.bundle.fetch import Progress, resolve_bundle
+from edge_agent.engine.ort import providers_for
+from edge_agent.serving.lifecycle import load_model
 from edge_agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with a drain before the shutdown that the first signal asks for."""
+
     def __init__(self, config: uvicorn.Config, drain_timeout: float):
         super().__init__(config)
         self.drain_timeout = drain_timeout
-        self.drain_deadline: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_requested = False
+        self._drain: asyncio.Task | None = None   # referenced until done
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
 
     def handle_exit(self, sig, frame) -> None:
-        if self.drain_deadline is None and self.started:
-            self.drain_deadline = time.monotonic() + self.drain_timeout
-            serving = getattr(self.config.app.state, "serving", None)
-            if serving is not None:
-                serving.draining = True
+        # Runs in the signal handler, outside any loop callback: hand the drain to the loop
+        # (call_soon_threadsafe also wakes it), then let uvicorn exit when it is idle.
+        if not self._drain_requested and self.started and self._loop is not None:
+            self._drain_requested = True
+            self._loop.call_soon_threadsafe(self._begin_drain)
             log.info("draining before shutdown", extra={"signal": int(sig)})
             return
         super().handle_exit(sig, frame)
 
-    async def on_tick(self, counter: int) -> bool:
-        if self.drain_deadline is not None and not self.should_exit:
-            serving = getattr(self.config.app.state, "serving", None)
-            idle = serving is None or serving.inflight() == 0
-            if idle or time.monotonic() >= self.drain_deadline:
-                self.should_exit = True
-        return await super().on_tick(counter)
+    def _begin_drain(self) -> None:
+        self._drain = asyncio.get_running_loop().create_task(self._exit_when_idle())
+
+    async def _exit_when_idle(self) -> None:
+        host = getattr(self.config.app.state, "host", None)
+        if host is not None:
+            host.begin_drain()
+            await host.wait_idle(self.drain_timeout)
+        self.should_exit = True
 
 
 def prepare(settings: AgentSettings, progress: Progress | None = None) -> AgentSettings:

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from edge_agent.engine import GenerationEngine, SamplingParams, SequenceState
+from edge_agent.engine.base import GenerationEngine, SamplingParams, SequenceState
 from edge_agent.errors import AgentError
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,15 @@ log = logging.getLogger(__name__)
 # loop is then never blocked longer than this by decoding.
 INLINE_STEP_S = 0.025
 RETRY_AFTER_MAX_S = 60
+
+
+async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event``; False if ``timeout`` seconds passed first."""
+    try:
+        await asyncio.wait_for(event.wait(), max(0.0, timeout))
+    except TimeoutError:
+        return event.is_set()
+    return True
 
 
 def retry_after_s(slot_s: float, max_concurrency: int) -> int:
@@ -101,6 +110,8 @@ class Scheduler:
         self._wakeup: asyncio.Event | None = None
         self._closed = False
         self._yielded_at = 0.0     # when the streams last ran
+        self._idle = asyncio.Event()  # nothing queued or running (drain waits on it)
+        self._idle.set()
 
     @property
     def queue_depth(self) -> int:
@@ -125,6 +136,7 @@ class Scheduler:
             handle._emit(TokenEvent(finish_reason="error", error="the model was unloaded"))
             return handle
         self.waiting.append(handle)
+        self._idle.clear()
         if self._task is None or self._task.done():
             # started lazily: the model may be loaded before the event loop runs
             self._wakeup = asyncio.Event()
@@ -135,12 +147,11 @@ class Scheduler:
 
     async def drain(self, timeout: float) -> bool:
         """Wait until nothing is queued or running; False if ``timeout`` passed first."""
-        deadline = time.monotonic() + timeout
-        while self.inflight:
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.05)
-        return True
+        return await wait_for_event(self._idle, timeout)
+
+    def _note_idle(self) -> None:
+        if not self.running and not self.waiting:
+            self._idle.set()
 
     async def close(self) -> None:
         """Stop after the step in progress; what is still queued or running ends in an error."""
@@ -154,6 +165,7 @@ class Scheduler:
             handle._emit(TokenEvent(finish_reason="error", error="the model was unloaded"))
         self.running.clear()
         self.waiting.clear()
+        self._note_idle()
 
     # -- the stepping task ------------------------------------------------------------------
 
@@ -166,6 +178,7 @@ class Scheduler:
                 handle._emit(TokenEvent(finish_reason="error", error="internal scheduler error"))
             self.running.clear()
             self.waiting.clear()
+            self._note_idle()
 
     async def _steps(self) -> None:
         while not self._closed:
@@ -220,6 +233,7 @@ class Scheduler:
                 continue
             handle.admitted = time.monotonic()
             self.running.append(handle)
+        self._note_idle()
 
     def _finish(self, handle: SequenceHandle, event: TokenEvent) -> None:
         self.running.remove(handle)
@@ -229,6 +243,7 @@ class Scheduler:
         if handle.state is not None:
             self.engine.release(handle.state)
         handle._emit(event)
+        self._note_idle()
 
     def _advance(self, handle: SequenceHandle, token: int) -> None:
         state = handle.state

@@ -93,7 +93,7 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_genai_bundle(tiny_llama_dir, bundle_store):
-    from exporters import export_model
+    from exporters.pipeline import export_model
 
     return export_model(str(tiny_llama_dir), name="tiny-llama-genai", precision="fp32",
                         exporter="genai", store=bundle_store, threads=TINY_THREADS)
@@ -101,7 +101,7 @@ def tiny_genai_bundle(tiny_llama_dir, bundle_store):
 
 @pytest.fixture(scope="session")
 def tiny_optimum_bundle(tiny_llama_dir, bundle_store):
-    from exporters import export_model
+    from exporters.pipeline import export_model
 
     return export_model(str(tiny_llama_dir), name="tiny-llama-optimum", precision="fp32",
                         exporter="optimum", store=bundle_store, threads=TINY_THREADS)
@@ -109,14 +109,14 @@ def tiny_optimum_bundle(tiny_llama_dir, bundle_store):
 
 @pytest.fixture(scope="session")
 def tiny_embedding_bundle(tiny_bert_dir, bundle_store):
-    from exporters import export_model
+    from exporters.pipeline import export_model
 
     return export_model(str(tiny_bert_dir), name="tiny-bert", task="feature-extraction",
                         precision="fp32", store=bundle_store, threads=TINY_THREADS)
 
 
 def _smollm2(precision: str, exporter: str, store: Path):
-    from exporters import export_model
+    from exporters.pipeline import export_model
 
     return export_model("builtin:smollm2-135m-instruct", name=f"smollm2-{precision}",
                         precision=precision, exporter=exporter, store=store,

@@ -145,7 +145,8 @@ def test_interrupted_export_leaves_no_bundle(tiny_llama_dir, tmp_path):
 
 def test_interrupt_inside_the_process_cleans_up(tiny_llama_dir, tmp_path, monkeypatch):
     """Ctrl-C during validation: staging and work directories are removed."""
-    from exporters import export_model, validation
+    from exporters import validation
+    from exporters.pipeline import export_model
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

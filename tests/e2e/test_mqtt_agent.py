@@ -21,8 +21,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.errors import MqttConnectError
-from edge_agent.mqtt_client import MqttChatClient
-from edge_agent.mqtt_protocol import answer_text
+from edge_agent.mqtt.device_client import MqttChatClient
+from edge_agent.mqtt.contract import answer_text
 from tests.e2e.agent_support import start_agent
 from tests.support.mosquitto import Mosquitto
 from tests.support.procs import REPO

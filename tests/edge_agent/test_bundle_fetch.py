@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from edge_agent.bundle_fetch import fetch_bundle, resolve_bundle
+from edge_agent.bundle.fetch import fetch_bundle, resolve_bundle
 from edge_agent.errors import BundleFetchError, BundleIntegrityError
 from tests.support.procs import EdgegenProcess, free_port, wait_http
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.chat_template import ChatTemplate, TemplateError
+from edge_agent.text.chat_template import ChatTemplate, TemplateError
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],

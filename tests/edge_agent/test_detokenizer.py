@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
-from edge_agent.detokenizer import IncrementalDetokenizer
+from edge_agent.text.detokenizer import IncrementalDetokenizer
 
 TEXT = "Héllo wörld! 日本語のテキスト 🎉🚀 done.\nNew line; naïve café."
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from edge_agent.engine import providers_for
+from edge_agent.engine.ort import providers_for
 from edge_agent.errors import DeviceUnavailable
 from tests.support.procs import REPO
 

@@ -1,4 +1,4 @@
-"""Batched decoding of genai bundles (engine_genai_batch) against onnxruntime-genai alone.
+"""Batched decoding of genai bundles (edge_agent.engine.batch) against onnxruntime-genai alone.
 
 Sequences of different prompt lengths, joining the batch at different steps and leaving it
 when done, must produce the same greedy tokens, token for token, as each decoded alone by
@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
-from edge_agent.engine import SamplingParams
-from edge_agent.engine_genai import GenaiEngine
-from edge_agent.engine_genai_batch import BatchRow
+from edge_agent.engine.base import SamplingParams
+from edge_agent.engine.genai import GenaiEngine
+from edge_agent.engine.batch import BatchRow
 from tests.support.genai_reference import genai_greedy
 
 N = 32

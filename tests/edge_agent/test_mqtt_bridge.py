@@ -19,7 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.errors import MqttConnectError, MqttReplyError
-from edge_agent.mqtt_client import MqttChatClient
+from edge_agent.mqtt.device_client import MqttChatClient
 from edge_agent.settings import AgentSettings
 from tests.support.mosquitto import Mosquitto, make_tls_files
 from tests.support.mqtt_fakes import BridgeThread, FakeServing
@@ -199,7 +199,7 @@ def test_200_malformed_messages_then_a_good_one_is_answered(broker, bridge):
 def test_request_without_reply_route_is_counted_and_logged_once(broker, bridge, caplog):
     raw = RawDevice(broker)
     before = bridge.requests("no_reply_route")
-    caplog.set_level(logging.WARNING, logger="edge_agent.mqtt_bridge")
+    caplog.set_level(logging.WARNING, logger="edge_agent.mqtt.bridge")
     try:
         for _ in range(5):
             raw.publish(json.dumps(body("nobody listens")).encode(), route=False,
@@ -367,7 +367,7 @@ def test_requests_queued_while_the_agent_is_away_are_answered_when_it_returns(tm
 
 def test_password_auth_and_a_clear_log_line_for_a_wrong_password(tmp_path, caplog):
     broker = Mosquitto(tmp_path / "auth", users={"agent": "s3cret", "dev": "devpw"}).start()
-    caplog.set_level(logging.INFO, logger="edge_agent.mqtt_bridge")
+    caplog.set_level(logging.INFO, logger="edge_agent.mqtt.bridge")
     wrong = BridgeThread(settings(broker.url_for("agent", "wrong"), node="auth-x"),
                          FakeServing(), reconnect_delay=(1, 2))
     good = BridgeThread(settings(broker.url_for("agent", "s3cret"), node="auth-ok"),

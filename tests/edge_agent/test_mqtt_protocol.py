@@ -6,14 +6,13 @@ import json
 import pytest
 
 from edge_agent.errors import MqttConfigError
-from edge_agent.mqtt_protocol import (
+from edge_agent.mqtt.bridge import FirstSeen
+from edge_agent.mqtt.coalescer import ChunkCoalescer, merge_chunks
+from edge_agent.mqtt.contract import (
     ChatRequest,
-    ChunkCoalescer,
-    FirstSeen,
     RejectedRequest,
     ReplyRoute,
     is_final,
-    merge_chunks,
     parse_broker_url,
     parse_request,
     reply_bytes,

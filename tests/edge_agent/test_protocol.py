@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from edge_agent.protocol import (
+from edge_agent.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,

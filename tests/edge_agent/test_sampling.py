@@ -1,7 +1,7 @@
 import numpy as np
 
-from edge_agent.engine import SamplingParams
-from edge_agent.sampling import make_rng, sample
+from edge_agent.engine.base import SamplingParams
+from edge_agent.engine.sampling import make_rng, sample
 
 LOGITS = np.array([1.0, 3.0, 2.0, 0.5, -1.0], dtype=np.float32)
 

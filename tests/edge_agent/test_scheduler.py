@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from edge_agent.engine import GenerationEngine, SamplingParams, SequenceState
+from edge_agent.engine.base import GenerationEngine, SamplingParams, SequenceState
 from edge_agent.scheduler import INLINE_STEP_S, RETRY_AFTER_MAX_S, Scheduler, retry_after_s
 
 

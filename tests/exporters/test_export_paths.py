@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from edge_agent.bundle import iter_bundles, open_bundle
-from exporters import export_model
+from exporters.pipeline import export_model
 from exporters.errors import ExportOptionError, QualityGateFailed, UnsupportedModel
 from tests.conftest import read_manifest_json
 

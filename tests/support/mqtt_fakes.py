@@ -9,8 +9,8 @@ import threading
 import time
 
 from edge_agent.metrics import AgentMetrics
-from edge_agent.mqtt_bridge import MqttBridge
-from edge_agent.protocol import ErrorResult, error
+from edge_agent.mqtt.bridge import MqttBridge
+from edge_agent.serving.protocol import ErrorResult, error
 from edge_agent.settings import AgentSettings
 
 

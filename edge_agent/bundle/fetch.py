@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from edge_agent.bundle import (
+from edge_agent.bundle.format import (
     MANIFEST_NAME,
     Bundle,
     _is_safe_relpath,

@@ -1,6 +1,8 @@
 """The HTTP face of the agent: maps serving's results to JSON responses and SSE streams.
 
-Only this module knows about status codes and HTTP framing; the logic is in ``serving``.
+Only this package knows about status codes and HTTP framing; the logic is in
+``edge_agent.serving``. Errors FastAPI raises itself (an unknown route, a wrong method) are
+answered in OpenAI's error shape too (``openai_http_errors``).
 """
 
 from __future__ import annotations
@@ -10,18 +12,36 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge_agent.protocol import ErrorResult, error
-from edge_agent.serving import ChunkStream
+from edge_agent.serving.api import OpenAIServing
+from edge_agent.serving.generation import ChunkStream
+from edge_agent.serving.protocol import ErrorResult, error
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-def _serving(request: Request):
+def _serving(request: Request) -> OpenAIServing:
     return request.app.state.serving
+
+
+def openai_http_errors(app: FastAPI) -> None:
+    """Answer the HTTP errors FastAPI raises itself (404 unknown route, 405 wrong method) in
+    OpenAI's error shape instead of FastAPI's ``{"detail": ...}``."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        else:
+            message = str(exc.detail)
+        body = error(exc.status_code, message, code="unknown_route" if exc.status_code == 404
+                     else None)
+        return JSONResponse(body.body, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
 
 async def _body(request: Request) -> dict | ErrorResult:
@@ -87,7 +107,7 @@ async def embeddings(request: Request) -> Response:
 
 @router.get("/v1/models")
 async def models(request: Request) -> Response:
-    return JSONResponse(_serving(request).list_models())
+    return JSONResponse(_serving(request).models.list_models())
 
 
 @router.get("/healthz")
@@ -97,7 +117,7 @@ async def healthz() -> Response:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> Response:
-    ok, reason = _serving(request).ready()
+    ok, reason = _serving(request).host.ready()
     return JSONResponse({"status": reason}, status_code=200 if ok else 503)
 
 
@@ -109,7 +129,7 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/edgegen/v1/bundle")
 async def get_bundle(request: Request) -> Response:
-    return JSONResponse(_serving(request).bundle_info())
+    return JSONResponse(_serving(request).models.bundle_info())
 
 
 @router.post("/edgegen/v1/bundle")
@@ -127,4 +147,4 @@ async def post_bundle(request: Request) -> Response:
     result = await request.app.state.swap_bundle(body)
     if isinstance(result, ErrorResult):
         return _error_response(result)
-    return JSONResponse(_serving(request).bundle_info())
+    return JSONResponse(_serving(request).models.bundle_info())

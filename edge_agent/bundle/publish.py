@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from edge_agent.bundle import iter_bundles
+from edge_agent.bundle.format import iter_bundles
 
 
 def create_bundle_server(store: str | Path) -> FastAPI:

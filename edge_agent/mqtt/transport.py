@@ -11,7 +11,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edge_agent.errors import MqttConfigError
-from edge_agent.mqtt_protocol import BrokerAddress
+from edge_agent.mqtt.contract import BrokerAddress
 
 
 def make_client(broker: BrokerAddress, client_id: str, *, ca_file: str | None = None,

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 
 from edge_agent.bundle import Bundle
-from edge_agent.engine import load_tokenizer
-from edge_agent.engine_ort import session_options
-from edge_agent.errors import GenerationError, ModelLoadError
+from edge_agent.engine.base import load_tokenizer
+from edge_agent.engine.ort import open_session, run_errors
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray, mode: str, normalize: bool) -> np.ndarray:
@@ -31,12 +29,8 @@ class EmbeddingEngine:
         pooling = bundle.manifest.get("pooling") or {}
         self.mode = pooling.get("mode", "mean")
         self.normalize = bool(pooling.get("normalize", True))
-        try:
-            self.session = ort.InferenceSession(
-                str(bundle.file("model.onnx")), sess_options=session_options(threads),
-                providers=providers)
-        except Exception as exc:
-            raise ModelLoadError(f"onnxruntime cannot load {bundle.path}: {exc}") from exc
+        self.session = open_session(str(bundle.file("model.onnx")), providers=providers,
+                                    threads=threads)
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_name = self.session.get_outputs()[0].name
 
@@ -56,10 +50,8 @@ class EmbeddingEngine:
         if "token_type_ids" in self.input_names:
             feed["token_type_ids"] = np.zeros_like(ids)
         feed = {k: v for k, v in feed.items() if k in self.input_names}
-        try:
+        with run_errors():
             (hidden,) = self.session.run([self.output_name], feed)
-        except Exception as exc:
-            raise GenerationError(f"onnxruntime: {exc}") from exc
         if hidden.ndim == 2:  # the graph pools already (sentence_embedding)
             vectors = hidden.astype(np.float32)
             if self.normalize:

@@ -25,8 +25,8 @@ from edge_agent.errors import (
     MqttReplyError,
     MqttTimeout,
 )
-from edge_agent.mqtt_protocol import TOPIC_PREFIX, is_final, parse_broker_url, request_topic
-from edge_agent.mqtt_transport import make_client
+from edge_agent.mqtt.contract import TOPIC_PREFIX, is_final, parse_broker_url, request_topic
+from edge_agent.mqtt.transport import make_client
 
 log = logging.getLogger(__name__)
 

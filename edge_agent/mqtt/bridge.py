@@ -1,6 +1,6 @@
 """The MQTT bridge: answers device chat requests from a Mosquitto broker with the agent's model.
 
-This module owns the agent's connection to the broker (``mqtt_transport`` builds the paho
+This module owns the agent's connection to the broker (``transport`` builds the paho
 client for it and for the device client). paho's network thread receives messages and acknowledges them; each request is handed
 to the agent's asyncio loop, served through the same ``serving`` object (and so the same queue
 and limits) as REST, and answered on the request's reply route.
@@ -17,6 +17,7 @@ import asyncio
 import logging
 import threading
 import time
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
@@ -24,11 +25,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent.errors import MqttConfigError
-from edge_agent.mqtt_metrics import MqttMetrics
-from edge_agent.mqtt_protocol import (
+from edge_agent.mqtt.coalescer import ChunkCoalescer
+from edge_agent.mqtt.contract import (
     ChatRequest,
-    ChunkCoalescer,
-    FirstSeen,
     RejectedRequest,
     ReplyRoute,
     error_payload,
@@ -38,8 +37,9 @@ from edge_agent.mqtt_protocol import (
     reply_bytes,
     shared_subscription,
 )
-from edge_agent.mqtt_transport import make_client
-from edge_agent.protocol import ErrorResult
+from edge_agent.mqtt.metrics import MqttMetrics
+from edge_agent.mqtt.transport import make_client
+from edge_agent.serving.protocol import ErrorResult
 from edge_agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,22 @@ def _status_of(result: ErrorResult) -> str:
     if result.status == 429 or result.body.get("error", {}).get("type") == "rate_limited":
         return "rate_limited"
     return "bad_request" if 400 <= result.status < 500 else "error"
+
+
+class FirstSeen:
+    """Remembers keys (bounded, oldest forgotten first) to log a problem once per sender."""
+
+    def __init__(self, capacity: int = 1024):
+        self.capacity = capacity
+        self._keys: dict[Any, None] = {}
+
+    def first(self, key: Any) -> bool:
+        if key in self._keys:
+            return False
+        if len(self._keys) >= self.capacity:
+            self._keys.pop(next(iter(self._keys)))
+        self._keys[key] = None
+        return True
 
 
 class MqttBridge:

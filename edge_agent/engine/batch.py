@@ -17,19 +17,19 @@ How the graph is driven (model.onnx from the genai builder, GroupQueryAttention)
 - A new sequence is prefilled alone (batch 1) straight into its row; a finished one is
   removed by moving the last row into its place, so active rows are always ``[0, n)``.
 
-Sampling is ``edge_agent.sampling`` on each row's last logits, as in the onnxruntime engine.
+Sampling is ``edge_agent.engine.sampling`` on each row's last logits, as in the onnxruntime engine.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 
-from edge_agent.engine import SamplingParams, SequenceState
+from edge_agent.engine.base import SamplingParams, SequenceState
+from edge_agent.engine.ort import NUMPY_DTYPES, open_session, run_errors
+from edge_agent.engine.sampling import make_rng, sample
 from edge_agent.errors import GenerationError, ModelLoadError
-from edge_agent.sampling import make_rng, sample
 
-_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
 _CHUNK = 256          # KV capacity grows in steps of this many positions
 
 
@@ -49,18 +49,11 @@ class BatchDecoder:
 
     def __init__(self, model_path: str, decoder_config: dict, *, providers: list[str],
                  threads: int, context_length: int, vocab_size: int):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # no spin-waiting: a lone sequence may still be decoding on onnxruntime-genai's own
         # thread pool between our runs, and on a few cores spinning threads starve it
         # (measured: 4 streams fell from ~220 to ~110 tok/s on 2 cores with spinning on)
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(model_path, sess_options=so, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ModelLoadError(f"onnxruntime cannot load {model_path}: {exc}") from exc
+        self.session = open_session(model_path, providers=providers, threads=threads,
+                                    spinning=False)
         names = decoder_config.get("inputs", {})
         outs = decoder_config.get("outputs", {})
         layers = int(decoder_config["num_hidden_layers"])
@@ -77,12 +70,12 @@ class BatchDecoder:
         if missing:
             raise ModelLoadError(f"{model_path} lacks the inputs {sorted(missing)} that "
                                  "genai_config.json names")
-        self.kv_dtype = _NP_DTYPES.get(inputs[self.kv_pairs[0][0]].type, np.float32)
+        self.kv_dtype = NUMPY_DTYPES.get(inputs[self.kv_pairs[0][0]].type, np.float32)
         self.kv_heads = int(decoder_config["num_key_value_heads"])
         self.head_dim = int(decoder_config["head_size"])
         self.context_length = context_length
         logits_out = {o.name: o for o in self.session.get_outputs()}[self.logits]
-        self.logits_dtype = _NP_DTYPES.get(logits_out.type, np.float32)
+        self.logits_dtype = NUMPY_DTYPES.get(logits_out.type, np.float32)
         vocab = logits_out.shape[-1]
         self.vocab = vocab if isinstance(vocab, int) else int(vocab_size)
         self._binding = None
@@ -108,7 +101,7 @@ class BatchDecoder:
         decoding = [s for s in seqs if s.data.index >= 0]
         fresh = [s for s in seqs if s.data.index < 0]
         tokens: dict[int, int] = {}
-        try:
+        with run_errors():
             if decoding:
                 self._arrange(decoding)
                 logits = self._decode(decoding)
@@ -117,10 +110,6 @@ class BatchDecoder:
             for seq in fresh:
                 logits = self._prefill(seq)
                 tokens[id(seq)] = sample(logits[0, -1], seq.params, seq.data.rng)
-        except GenerationError:
-            raise
-        except Exception as exc:  # onnxruntime's Fail / RuntimeException
-            raise GenerationError(f"onnxruntime: {exc}") from exc
         return [tokens[id(s)] for s in seqs]
 
     def release(self, seq: SequenceState) -> None:

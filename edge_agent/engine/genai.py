@@ -6,10 +6,10 @@ sequence is an ``og.Generator``; the scheduler steps them in turn. onnxruntime-g
 ships ``og.Engine`` for continuous batching, but on the CPU provider it refuses to schedule
 anything ("Cannot schedule a request with no tokens" / "Expected at least one request to be
 ready"), so it is not used: when two or more sequences decode together they move to
-``engine_genai_batch.BatchDecoder`` (the same graph, one onnxruntime run for all of them per
+``batch.BatchDecoder`` (the same graph, one onnxruntime run for all of them per
 step). A lone greedy sequence runs on onnxruntime-genai, which is faster at batch 1, and
 finishes there even if others arrive meanwhile; sampled sequences always use the batch
-decoder so that their sampler (``edge_agent.sampling``), and therefore a seed's output, do not
+decoder so that their sampler (``edge_agent.engine.sampling``), and therefore a seed's output, do not
 depend on how many other requests are running (``EDGEGEN_GENAI_BATCH=0``: onnxruntime-genai
 only, as before). Token ids come from onnxruntime-genai; text is decoded with the
 ``tokenizers`` library because genai's tokenizer mangles byte-level BPE (Ġ/Ċ) here.
@@ -23,14 +23,14 @@ import os
 import onnxruntime_genai as og
 
 from edge_agent.bundle import Bundle
-from edge_agent.engine import (
+from edge_agent.engine.base import (
     GenerationEngine,
     SamplingParams,
     SequenceState,
     eos_token_ids,
     load_tokenizer,
 )
-from edge_agent.engine_genai_batch import BatchDecoder, BatchRow
+from edge_agent.engine.batch import BatchDecoder, BatchRow
 from edge_agent.errors import GenerationError, ModelLoadError
 
 _GENAI_PROVIDER = {"cuda": "cuda", "tensorrt": "NvTensorRtRtx"}

@@ -11,29 +11,17 @@ caches of a batch to a common length costs a copy of every cache at every step.
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 
 from edge_agent.bundle import Bundle
-from edge_agent.engine import (
+from edge_agent.engine.base import (
     GenerationEngine,
     SamplingParams,
     SequenceState,
     eos_token_ids,
     load_tokenizer,
 )
-from edge_agent.errors import GenerationError, ModelLoadError
-from edge_agent.sampling import make_rng, sample
-
-_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return so
-
+from edge_agent.engine.ort import NUMPY_DTYPES, open_session, run_errors
+from edge_agent.engine.sampling import make_rng, sample
 
 class _OrtSeq:
     __slots__ = ("past", "length", "rng")
@@ -50,12 +38,8 @@ class OrtEngine(GenerationEngine):
         self.tokenizer = load_tokenizer(bundle)
         self.eos_token_ids = eos_token_ids(bundle)
         self.context_length = bundle.context_length
-        try:
-            self.session = ort.InferenceSession(
-                str(bundle.file("model.onnx")), sess_options=session_options(threads),
-                providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ModelLoadError(f"onnxruntime cannot load {bundle.path}: {exc}") from exc
+        self.session = open_session(str(bundle.file("model.onnx")), providers=providers,
+                                    threads=threads)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
@@ -63,7 +47,7 @@ class OrtEngine(GenerationEngine):
         self.output_names = ["logits", *self.present_names]
         if self.past_names:
             first = inputs[self.past_names[0]]
-            self.kv_dtype = _NP_DTYPES.get(first.type, np.float32)
+            self.kv_dtype = NUMPY_DTYPES.get(first.type, np.float32)
             sig = bundle.manifest.get("signature", {})
             kv_heads = first.shape[1] if isinstance(first.shape[1], int) else sig["num_kv_heads"]
             head_dim = first.shape[3] if isinstance(first.shape[3], int) else sig["head_dim"]
@@ -89,10 +73,8 @@ class OrtEngine(GenerationEngine):
         }
         if self.has_position_ids:
             feed["position_ids"] = np.arange(state.length, total, dtype=np.int64)[None, :]
-        try:
+        with run_errors():
             logits, *presents = self.session.run(self.output_names, feed)
-        except Exception as exc:
-            raise GenerationError(f"onnxruntime: {exc}") from exc
         state.past = dict(zip(self.past_names, presents))
         state.length = total
         return sample(logits[0, -1], seq.params, state.rng)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_agent.engine import SamplingParams
+from edge_agent.engine.base import SamplingParams
 
 
 def make_rng(params: SamplingParams) -> np.random.Generator:

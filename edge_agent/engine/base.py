@@ -1,38 +1,30 @@
-"""The one interface every generation engine implements, and the function that picks one.
+"""The interface every generation engine implements, and the data it works on.
 
 An engine owns a loaded model and knows how to prefill a prompt and decode one token at a
 time for several sequences; it knows nothing of HTTP, queues or text. The scheduler drives
 it from a single worker thread, so engines need not be thread-safe. Implementations:
 
-- ``engine_genai.GenaiEngine``      runtime "onnxruntime-genai" (the builder's fused graph)
-- ``engine_ort.OrtEngine``          runtime "onnxruntime" (optimum exports; numpy loop)
-- ``engine_embed.EmbeddingEngine``  task "feature-extraction"
+- ``genai.GenaiEngine``      runtime "onnxruntime-genai" (the builder's fused graph)
+- ``ort_loop.OrtEngine``     runtime "onnxruntime" (optimum exports; numpy loop)
+- ``embed.EmbeddingEngine``  task "feature-extraction"
 
-Only those modules import onnxruntime / onnxruntime_genai.
+``loader.load_engine`` picks one. This module imports no runtime: onnxruntime is owned by
+``ort`` and onnxruntime-genai by ``genai`` (import-linter contracts in pyproject.toml).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer
 
-from edge_agent.errors import BundleFormatError, DeviceUnavailable
+from edge_agent.errors import BundleFormatError
 
 if TYPE_CHECKING:
     from edge_agent.bundle import Bundle
-    from edge_agent.settings import AgentSettings
-
-# --device → onnxruntime execution providers, most preferred first.
-DEVICE_PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
 
 
 @dataclass(frozen=True)
@@ -85,32 +77,6 @@ class GenerationEngine(ABC):
         """Free the model."""
 
 
-def providers_for(device: str) -> list[str]:
-    """Execution providers for ``device``; DeviceUnavailable if its GPU provider is absent."""
-    import onnxruntime as ort  # noqa: PLC0415 - engines own onnxruntime; this only lists providers
-
-    if device not in DEVICE_PROVIDERS:
-        raise DeviceUnavailable(f"unknown device {device!r}: use one of {', '.join(DEVICE_PROVIDERS)}")
-    wanted = DEVICE_PROVIDERS[device]
-    available = set(ort.get_available_providers())
-    if wanted[0] not in available:
-        raise DeviceUnavailable(
-            f"--device {device} needs onnxruntime's {wanted[0]}, which this installation lacks "
-            f"(available: {', '.join(sorted(available))}); install the 'gpu' extra on a GPU node"
-        )
-    return [p for p in wanted if p in available]
-
-
-def thread_count(settings: AgentSettings) -> int:
-    """Intra-op threads: as configured, else every core this process may run on."""
-    if settings.threads:
-        return settings.threads
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def load_tokenizer(bundle: Bundle) -> Tokenizer:
     if not bundle.has_file("tokenizer.json"):
         raise BundleFormatError(f"bundle {bundle.path} has no tokenizer.json")
@@ -128,20 +94,3 @@ def eos_token_ids(bundle: Bundle) -> frozenset[int]:
                     ids = value if isinstance(value, list) else [value]
                     break
     return frozenset(int(i) for i in ids or [])
-
-
-def load_engine(bundle: Bundle, settings: AgentSettings):
-    """The engine for ``bundle``: a GenerationEngine, or an EmbeddingEngine for encoders."""
-    providers = providers_for(settings.device)
-    threads = thread_count(settings)
-    if bundle.task == "feature-extraction":
-        from edge_agent.engine_embed import EmbeddingEngine
-
-        return EmbeddingEngine(bundle, providers=providers, threads=threads)
-    if bundle.runtime == "onnxruntime-genai":
-        from edge_agent.engine_genai import GenaiEngine
-
-        return GenaiEngine(bundle, device=settings.device, threads=threads, providers=providers)
-    from edge_agent.engine_ort import OrtEngine
-
-    return OrtEngine(bundle, providers=providers, threads=threads)

@@ -1,7 +1,12 @@
-"""OpenAI request/response shapes and the agent's error value.
+"""The OpenAI wire format the agent speaks: request, response, chunk and error models.
 
-Requests are pydantic models that accept (and ignore) harmless unknown fields, as OpenAI
-does, and reject what would change the meaning of a request and is not supported.
+Every body the agent reads or writes on its OpenAI endpoints (REST and MQTT alike) has its
+model here, and nowhere else. Requests are pydantic models that accept (and ignore) harmless
+unknown fields, as OpenAI does, and reject what would change the meaning of a request and is
+not supported. Responses and stream chunks are built as models and sent as their
+``model_dump()``, with two exceptions OpenAI makes too: a delta carries only the keys that
+have a value, and a chunk carries ``usage`` (null until the last) only when the client asked
+for a usage chunk (``stream_options.include_usage``).
 
 Error values. ``serving`` never raises for a request-level problem; it returns an
 ``ErrorResult``: ``status`` (the HTTP status the router sends), ``body`` (OpenAI's shape,
@@ -16,7 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 
 @dataclass(frozen=True)
@@ -34,16 +46,36 @@ class ErrorResult:
         return self.body["error"]["message"]
 
 
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                 404: "not_found_error", 429: "rate_limited", 500: "server_error",
-                 503: "service_unavailable"}
+# HTTP status → OpenAI error type. The router (cloud_router.protocol) keeps its own copy, as
+# the packages share no code; tests/test_wire_contracts.py pins the two together.
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+               403: "permission_error", 404: "not_found_error", 413: "invalid_request_error",
+               429: "rate_limited", 500: "server_error", 503: "service_unavailable"}
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+def error_body(status: int, message: str, *, param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error body for ``status``: ``{"error": {"message", "type", "param", "code"}}``."""
+    info = ErrorInfo(message=message, type=ERROR_TYPES.get(status, "invalid_request_error"),
+                     param=param, code=code)
+    return ErrorResponse(error=info).model_dump()
 
 
 def error(status: int, message: str, *, param: str | None = None, code: str | None = None,
           headers: dict[str, str] | None = None) -> ErrorResult:
-    body = {"error": {"message": message, "type": _STATUS_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
-    return ErrorResult(status, body, headers or {})
+    return ErrorResult(status, error_body(status, message, param=param, code=code),
+                       headers or {})
 
 
 def validation_error(exc: ValidationError) -> ErrorResult:
@@ -181,3 +213,114 @@ class EmbeddingRequest(BaseModel):
 _Request.model_rebuild()
 ChatCompletionRequest.model_rebuild()
 CompletionRequest.model_rebuild()
+
+
+# --- responses -------------------------------------------------------------------------------
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class _Envelope(BaseModel):
+    """The fields every response object and chunk of one request shares."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+
+
+class ChatCompletionResponse(_Envelope):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _given_only(self, handler) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatCompletionStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Envelope):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(_Envelope):
+    """A whole completion, and (without ``usage`` unless asked) each streamed chunk: OpenAI
+    uses the object name ``text_completion`` for both."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str          # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "edgegen"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def dump_chunk(chunk: ChatCompletionChunk | CompletionResponse, with_usage: bool) -> dict:
+    """A stream chunk as JSON-ready data; ``usage`` only in streams that asked for it."""
+    return chunk.model_dump(exclude=None if with_usage else {"usage"})

@@ -1,0 +1,42 @@
+"""Pick and load the engine a bundle needs, with the device's providers and thread count."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from edge_agent.engine.ort import providers_for
+
+if TYPE_CHECKING:
+    from edge_agent.bundle import Bundle
+    from edge_agent.settings import AgentSettings
+
+
+def thread_count(settings: AgentSettings) -> int:
+    """Intra-op threads: as configured, else every core this process may run on."""
+    if settings.threads:
+        return settings.threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def load_engine(bundle: Bundle, settings: AgentSettings):
+    """The engine for ``bundle``: a GenerationEngine, or an EmbeddingEngine for encoders.
+
+    Engines are imported here, lazily, so an agent loads only the runtime its bundle needs.
+    """
+    providers = providers_for(settings.device)
+    threads = thread_count(settings)
+    if bundle.task == "feature-extraction":
+        from edge_agent.engine.embed import EmbeddingEngine
+
+        return EmbeddingEngine(bundle, providers=providers, threads=threads)
+    if bundle.runtime == "onnxruntime-genai":
+        from edge_agent.engine.genai import GenaiEngine
+
+        return GenaiEngine(bundle, device=settings.device, threads=threads, providers=providers)
+    from edge_agent.engine.ort_loop import OrtEngine
+
+    return OrtEngine(bundle, providers=providers, threads=threads)

@@ -1,0 +1,23 @@
+"""``GET /v1/models`` and the bundle the agent serves (``GET /edgegen/v1/bundle``)."""
+
+from __future__ import annotations
+
+from edge_agent.serving.lifecycle import ModelHost
+from edge_agent.serving.protocol import ModelCard, ModelList
+
+
+class ModelsServing:
+    def __init__(self, host: ModelHost):
+        self.host = host
+
+    def list_models(self) -> dict:
+        b = self.host.model.bundle
+        card = ModelCard(id=b.name, created=int(b.path.stat().st_mtime), root=b.digest12,
+                         max_model_len=b.context_length)
+        return ModelList(data=[card]).model_dump()
+
+    def bundle_info(self) -> dict:
+        b = self.host.model.bundle
+        return {"name": b.name, "digest": b.digest, "digest12": b.digest12,
+                "precision": b.precision, "task": b.task, "runtime": b.runtime,
+                "context_length": b.context_length, "path": str(b.path)}
