@@ -1,4 +1,4 @@
-"""`edgegen export`: parse the options and call :func:`exporters.export_model`."""
+"""`edgegen export`: parse the options and call :func:`exporters.pipeline.export_model`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from edge_agent.bundle import PRECISIONS, TASKS  # the format only: no export stack
+
 console = Console(stderr=True)
 
 # Mirrors exporters.gate.DEFAULT_MAX_PPL_INCREASE_PCT (kept literal so `--help` does not
@@ -15,16 +17,9 @@ console = Console(stderr=True)
 DEFAULT_MAX_PPL_INCREASE = 25.0
 
 
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-    int4 = "int4"
-
-
-class Task(str, Enum):
-    text_generation = "text-generation"
-    feature_extraction = "feature-extraction"
+# The bundle format's own lists (one source for the exporters, the agent and this CLI).
+Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+Task = Enum("Task", {t.replace("-", "_"): t for t in TASKS}, type=str)
 
 
 class Device(str, Enum):
@@ -77,14 +72,18 @@ def export(
     Checked against the PyTorch fp32 model and written atomically (an error leaves nothing).
     """
     import json
+    import os
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from cli.bundle import manifest_table
     from exporters.pipeline import export_model
+    from exporters.quiet import quiet_libraries
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
+    # The libraries' own warnings and tqdm bars would garble the progress; --debug shows them.
+    with quiet_libraries(enabled=not os.environ.get("EDGEGEN_DEBUG")), \
+            Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                     console=console, transient=False) as bar:
         current: list[int] = []
 
         def step(message: str) -> None:

@@ -23,18 +23,12 @@ def up(
 ) -> None:
     """Start the registry, an MQTT broker, edge agents in three regions, a central agent
     and the router; Ctrl-C stops everything."""
-    from edge_agent.bundle import default_store, iter_bundles
-    from manifests.errors import LocalFleetError
+    from edge_agent.bundle import default_store
+    from manifests.bundle_ref import newest_bundle
     from manifests.fleet import FleetOptions, run_fleet
 
     if bundle is None:
-        found = next(iter(iter_bundles(default_store())), None)
-        if found is None:
-            raise LocalFleetError(
-                f"no bundle in {default_store()}: export one first, e.g. "
-                "`edgegen export HuggingFaceTB/SmolLM2-135M-Instruct --precision int8`, "
-                "or pass --bundle")
-        bundle = found.path
+        bundle = newest_bundle(default_store()).path
     run_fleet(FleetOptions(cluster=cluster, bundle=str(bundle), router_port=router_port,
                            registry_port=registry_port, mqtt_port=mqtt_port),
               console=console, demo=demo)

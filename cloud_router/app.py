@@ -1,22 +1,24 @@
 """The router's HTTP app: the agents' OpenAI API, forwarded; the table and its explanations;
-health, readiness and metrics. Only this module knows status codes of the router's own
-answers; choosing is the policy's job and sending the forwarder's."""
+health, readiness and metrics. Only this module knows status codes and response headers:
+choosing is the policy's job, sending the forwarder's, and their outcomes become HTTP here."""
 
 from __future__ import annotations
 
 import json
 import logging
 from contextlib import asynccontextmanager
-from typing import Callable
+from typing import Callable, Sequence
 
+import anyio
 import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud_router.auth import bearer_key_ok
-from cloud_router.forwarding import Forwarder
+from cloud_router.forwarding import Forwarded, Forwarder, Refused, UpstreamStream
 from cloud_router.geo import parse_location
 from cloud_router.metrics import RouterMetrics
 from cloud_router.policy import RequestHints
@@ -28,21 +30,29 @@ from cloud_router.table import EndpointSource, EndpointTable
 log = logging.getLogger(__name__)
 
 FORWARDED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# Hop-by-hop and server headers of the upstream's answer, and the x-edgegen-* ones this
+# router sets itself.
+DROPPED_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length",
+                            "date", "server", "x-edgegen-node", "x-edgegen-tier",
+                            "x-edgegen-route"}
+# edgegen_router_requests_total{tier="none", outcome} of the requests refused here.
+REFUSED_OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "unknown_model"}
 
 
 class ClientError(Exception):
-    """A request the router refuses before forwarding (bad JSON, unknown model, bad hint)."""
+    """A request the router refuses before forwarding (bad key, bad JSON, unknown model, bad
+    hint)."""
 
-    def __init__(self, status: int, message: str, type_: str, code: str, param: str | None = None):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None):
         super().__init__(message)
-        self.status, self.body = status, error_body(message, type_, code, param)
+        self.status, self.body = status, error_body(status, message, code=code, param=param)
 
 
-def build_app(settings: RouterSettings, sources: list[EndpointSource], *,
+def build_app(settings: RouterSettings, sources: Sequence[EndpointSource], *,
               ready: Callable[[], bool] | None = None,
               transport: httpx.AsyncBaseTransport | None = None,
               lifespan_tasks: Callable | None = None) -> FastAPI:
-    """The router app over ``sources`` (callables returning the current endpoints).
+    """The router app over ``sources`` (the discovery watchers, or fixed lists in tests).
 
     ``ready`` says whether discovery has loaded a table (default: always); ``lifespan_tasks``
     is an async context manager factory run for the app's life (the discovery watchers).
@@ -67,21 +77,34 @@ def build_app(settings: RouterSettings, sources: list[EndpointSource], *,
     app.state.table, app.state.forwarder, app.state.metrics = table, forwarder, metrics
 
     @app.exception_handler(ClientError)
-    async def _client_error(_request: Request, exc: ClientError) -> JSONResponse:
+    async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
+        if request.url.path in FORWARDED_PATHS:
+            metrics.requests.labels("none", REFUSED_OUTCOMES[exc.status]).inc()
         return JSONResponse(exc.body, exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_params(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         param = str(first.get("loc", ["", ""])[-1]) or None
-        return JSONResponse(error_body(f"{param}: {first.get('msg', 'invalid')}",
-                                       "invalid_request_error", "invalid_parameter", param), 400)
+        return JSONResponse(error_body(400, f"{param}: {first.get('msg', 'invalid')}",
+                                       code="invalid_parameter", param=param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """FastAPI's own errors (unknown route, wrong method) in OpenAI's shape, as the
+        agent answers them."""
+        if exc.status_code == 404:
+            body = error_body(404, f"no route {request.method} {request.url.path}",
+                              code="unknown_route")
+        else:
+            body = error_body(exc.status_code, str(exc.detail))
+        return JSONResponse(body, exc.status_code, headers=getattr(exc, "headers", None))
 
     async def require_key(request: Request) -> None:
         if settings.api_keys and not bearer_key_ok(request.headers.get("authorization"),
                                                    settings.api_keys):
             raise ClientError(401, "a valid API key is required: send 'Authorization: Bearer "
-                              "<key>'", "invalid_request_error", "invalid_api_key")
+                              "<key>'", "invalid_api_key")
 
     def hints_for(model: str, region: str | None, zone: str | None,
                   location: str | None) -> RequestHints:
@@ -90,17 +113,17 @@ def build_app(settings: RouterSettings, sources: list[EndpointSource], *,
             try:
                 loc = parse_location(location)
             except ValueError as exc:
-                raise ClientError(400, f"x-edgegen-location: {exc}", "invalid_request_error",
-                                  "invalid_location", "x-edgegen-location") from exc
+                raise ClientError(400, f"x-edgegen-location: {exc}", "invalid_location",
+                                  "x-edgegen-location") from exc
         return RequestHints(model=model, region=region or settings.region, zone=zone or "",
                             location=loc)
 
     def known_model(model: str) -> None:
         if not table.known_model(model):
-            models = sorted(table.seen_models)
+            models = sorted(table.fleet.known_models)
             raise ClientError(404, f"The model {model!r} does not exist or no endpoint serves "
                               f"it; known models: {', '.join(models) or 'none'}",
-                              "invalid_request_error", "model_not_found", "model")
+                              "model_not_found", "model")
 
     async def proxy(request: Request) -> Response:
         body = await request.body()
@@ -108,17 +131,16 @@ def build_app(settings: RouterSettings, sources: list[EndpointSource], *,
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ClientError(400, f"the request body is not valid JSON: {exc}",
-                              "invalid_request_error", "invalid_json") from exc
+                              "invalid_json") from exc
         if not isinstance(payload, dict) or not isinstance(payload.get("model"), str) \
                 or not payload["model"]:
             raise ClientError(400, "the request body must be a JSON object with a 'model' "
-                              "string", "invalid_request_error", "missing_model", "model")
+                              "string", "missing_model", "model")
         known_model(payload["model"])
         h = request.headers
         hints = hints_for(payload["model"], h.get("x-edgegen-region"), h.get("x-edgegen-zone"),
                           h.get("x-edgegen-location"))
-        headers = dict(h)
-        return await forwarder.forward(request.url.path, body, headers, hints)
+        return http_response(await forwarder.forward(request.url.path, body, dict(h), hints))
 
     for path in FORWARDED_PATHS:
         app.add_api_route(path, proxy, methods=["POST"], dependencies=[Depends(require_key)],
@@ -158,7 +180,7 @@ def build_app(settings: RouterSettings, sources: list[EndpointSource], *,
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         loaded = ready() if ready else True
-        n = len(table.endpoints())
+        n = len(table.fleet.endpoints)
         ok = loaded and n > 0
         return JSONResponse({"ready": ok, "table_loaded": loaded, "endpoints": n},
                             200 if ok else 503)
@@ -168,3 +190,51 @@ def build_app(settings: RouterSettings, sources: list[EndpointSource], *,
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def http_response(outcome: Forwarded | Refused) -> Response:
+    """The client's answer: a refusal is a 503 with Retry-After; an upstream's answer passes
+    on as it is, with the x-edgegen-* headers saying where it went and why."""
+    if isinstance(outcome, Refused):
+        return JSONResponse(error_body(503, outcome.message, code="no_endpoint"), 503,
+                            headers={"retry-after": str(outcome.retry_after_s),
+                                     "x-edgegen-route": outcome.route})
+    headers = {k: v for k, v in outcome.headers.items()
+               if k.lower() not in DROPPED_RESPONSE_HEADERS}
+    headers.update({"x-edgegen-node": outcome.endpoint.node,
+                    "x-edgegen-tier": outcome.endpoint.tier, "x-edgegen-route": outcome.route})
+    if outcome.stream is None:
+        return Response(outcome.body, outcome.status, headers=headers)
+    return _SSEPassthrough(outcome.stream, status_code=outcome.status, headers=headers)
+
+
+class _SSEPassthrough(StreamingResponse):
+    """Sends an upstream stream's events as they arrive, watches for the client leaving
+    whatever the server's ASGI version, and always closes the stream (which releases the
+    upstream, and so cancels its generation when the client left)."""
+
+    def __init__(self, stream: UpstreamStream, **kw):
+        super().__init__(stream.events(), **kw)
+        self._stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        delivered = False
+
+        async def stream(cancel: anyio.CancelScope) -> None:
+            nonlocal delivered
+            try:
+                await self.stream_response(send)
+                delivered = True
+            except OSError:
+                pass  # the client went away while we wrote to it
+            cancel.cancel()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stream, tg.cancel_scope)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self._stream.close(delivered)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from dataclasses import replace
@@ -22,20 +21,26 @@ from typing import Callable
 
 import httpx
 
-from cloud_router.endpoints import Endpoint
+from cloud_router.endpoints import (
+    CENTRAL_SERVICE,
+    META_DIGEST,
+    META_LAT,
+    META_LON,
+    META_MAX_CONCURRENCY,
+    META_MODEL,
+    META_MQTT,
+    META_NODE,
+    META_REGION,
+    META_TIER,
+    META_ZONE,
+    Endpoint,
+)
 from cloud_router.errors import RegistryError
+from cloud_router.geo import latitude, longitude
 from cloud_router.registry.coordinates import rtt_seconds
 from cloud_router.registry.definitions import parse_duration
 
 logger = logging.getLogger(__name__)
-
-
-def _float(value) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def _int(value) -> int:
@@ -61,23 +66,22 @@ def endpoints_from_health(entries: list[dict]) -> list[Endpoint]:
             logger.debug("skipping a health entry without ID or port", extra={"id": sid})
             continue
         name = svc.get("Service", "")
-        tier = meta.get("tier") or ("central" if name.endswith("-central") else "edge")
-        lat, lon = _float(meta.get("lat")), _float(meta.get("lon"))
+        tier = meta.get(META_TIER) or ("central" if name == CENTRAL_SERVICE else "edge")
         out.append(Endpoint(
             id=sid,
             service=name,
-            node=meta.get("node") or node.get("Node", ""),
+            node=meta.get(META_NODE) or node.get("Node", ""),
             address=svc.get("Address") or node.get("Address", ""),
             port=port,
             tier=tier,
-            model=meta.get("model", ""),
-            digest=meta.get("digest", ""),
-            region=meta.get("region", ""),
-            zone=meta.get("zone", ""),
-            lat=lat if lat is not None and abs(lat) <= 90 else None,
-            lon=lon if lon is not None and abs(lon) <= 180 else None,
-            max_concurrency=_int(meta.get("max_concurrency")),
-            mqtt=meta.get("mqtt", ""),
+            model=meta.get(META_MODEL, ""),
+            digest=meta.get(META_DIGEST, ""),
+            region=meta.get(META_REGION, ""),
+            zone=meta.get(META_ZONE, ""),
+            lat=latitude(meta.get(META_LAT)),
+            lon=longitude(meta.get(META_LON)),
+            max_concurrency=_int(meta.get(META_MAX_CONCURRENCY)),
+            mqtt=meta.get(META_MQTT, ""),
             tags=tuple(svc.get("Tags") or ()),
             meta=dict(meta),
         ))
@@ -135,8 +139,43 @@ class TokenBucket:
         return wait
 
 
+async def read_health(client: httpx.AsyncClient, consul_url: str, service: str, *,
+                      passing: bool = True, index: int = 0, wait: str | None = None,
+                      wait_s: float = 0.0, near: str | None = None,
+                      timeout: float = 10.0) -> tuple[int, list[dict]]:
+    """``GET /v1/health/service/<service>``: Consul's index and its raw entries (with their
+    ``Checks``). A blocking query when ``index`` and ``wait`` are given. The one place the
+    router and ``edgegen status`` read Consul's health API; RegistryError when they cannot."""
+    params = {"passing": "1"} if passing else {}
+    if index > 0 and wait:
+        params.update(index=str(index), wait=wait)
+    if near:
+        params["near"] = near
+    if index > 0 and wait:  # Consul may hold a blocking request for wait + wait/16 of jitter
+        timeout = wait_s * 17 / 16 + 5.0
+    url = f"{consul_url.rstrip('/')}/v1/health/service/{service}"
+    try:
+        r = await client.get(url, params=params, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise RegistryError(f"{url}: {type(exc).__name__}: {exc}") from exc
+    if r.status_code != 200:
+        raise RegistryError(f"{url}: HTTP {r.status_code}: {r.text[:200]}")
+    try:
+        returned = int(r.headers["X-Consul-Index"])
+        body = r.json()
+    except (KeyError, ValueError) as exc:
+        raise RegistryError(f"{url}: not a Consul answer ({exc})") from exc
+    if not isinstance(body, list):
+        raise RegistryError(f"{url}: expected a JSON list")
+    return returned, body
+
+
 class ServiceWatcher:
-    """The live table of one Consul service's passing instances."""
+    """The live table of one Consul service's passing instances.
+
+    An endpoint source for the router's table: ``generation`` moves whenever ``endpoints``
+    changes, so the table rebuilds its fleet only then.
+    """
 
     def __init__(self, consul_url: str, service: str, *,
                  on_change: Callable[[list[Endpoint]], None] | None = None,
@@ -157,6 +196,7 @@ class ServiceWatcher:
         self._loaded = False
         self.last_index = 0
         self.last_error: str | None = None
+        self.generation = 0           # +1 each time the endpoints change
         self._updated = asyncio.Event()
 
     @property
@@ -185,29 +225,13 @@ class ServiceWatcher:
             await self._updated.wait()
 
     async def fetch(self, client: httpx.AsyncClient) -> tuple[int, list[dict]]:
-        """One (blocking) read; RegistryError when Consul cannot be read."""
-        params = {"passing": "1"}
-        if self.last_index > 0:
-            params.update(index=str(self.last_index), wait=self.wait)
-        if self.near:
-            params["near"] = self.near
-        # Consul may hold the request for wait + wait/16 of jitter.
-        timeout = self._wait_s * 17 / 16 + 5.0 if self.last_index > 0 else 10.0
-        url = f"{self.consul_url}/v1/health/service/{self.service}"
-        try:
-            r = await client.get(url, params=params, timeout=timeout)
-        except httpx.HTTPError as exc:
-            raise RegistryError(f"{url}: {type(exc).__name__}: {exc}") from exc
-        if r.status_code != 200:
-            raise RegistryError(f"{url}: HTTP {r.status_code}: {r.text[:200]}")
-        try:
-            index = int(r.headers["X-Consul-Index"])
-            body = r.json()
-        except (KeyError, ValueError) as exc:
-            raise RegistryError(f"{url}: not a Consul answer ({exc})") from exc
-        if not isinstance(body, list):
-            raise RegistryError(f"{url}: expected a JSON list")
-        return index, body
+        """One (blocking) read of the passing instances; RegistryError when Consul cannot be
+        read."""
+        blocking = self.last_index > 0
+        return await read_health(client, self.consul_url, self.service, passing=True,
+                                 index=self.last_index if blocking else 0,
+                                 wait=self.wait if blocking else None,
+                                 wait_s=self._wait_s, near=self.near)
 
     async def _coordinates(self, client: httpx.AsyncClient) -> list[dict] | None:
         """Network coordinates for ``rtt_ms``; None (no RTT) when they cannot be read."""
@@ -226,6 +250,8 @@ class ServiceWatcher:
             endpoints = with_rtt(endpoints, entries, coordinates, self.near)
         changed = not self._loaded or endpoints != self._endpoints
         self._endpoints = endpoints
+        if changed:  # after the endpoints: a reader that sees the new generation sees them
+            self.generation += 1
         self._loaded = True
         if self._stale:
             logger.info("consul reachable", extra={"service": self.service,

@@ -1,41 +1,48 @@
 """Sending a request to the chosen endpoint, and trying another one when that fails.
 
-The one module that talks to upstream agents (httpx, one pooled keep-alive client). Rules:
+The one module that talks to upstream agents (httpx, one pooled keep-alive client). It says
+what happened and builds no HTTP response; the app maps the outcome to one:
+
+    Forwarded   an upstream's answer, to pass on as it is: a whole body, or an SSE stream
+                whose first bytes have arrived (``UpstreamStream``)
+    Refused     no endpoint could take the request: none serves it now, or every try failed
+                without an answer worth passing on
+
+Rules:
 
 - Retry on connect errors, timeouts and broken connections before the response headers, and on
   5xx and 429 answers, **only while nothing has been sent to the client** and each time on an
   endpoint this request has not tried, within the table's retry budget. A non-streaming answer
-  is read whole before it is sent, and a stream's first chunk is read before the headers go
-  out, so both stay retryable up to that point.
+  is read whole before it is returned, and a stream's first chunk is read before it is, so
+  both stay retryable up to that point. When every try failed, the last upstream answer (5xx
+  or 429) is passed on if there was one.
 - SSE passes through event by event as it arrives (a partial event waits for its end, so a
   stream that breaks never leaves half an event behind). A stream that breaks after the first
-  byte ends with an OpenAI-shaped error event. A client that disconnects closes the upstream
-  response, which closes the upstream connection and so cancels the generation.
+  byte ends with an OpenAI-shaped error event. Closing a stream closes the upstream response,
+  which closes the upstream connection and so cancels the generation when the client left.
+- Every forwarded request is counted once in ``edgegen_router_requests_total`` here, when its
+  outcome is known (a stream's when it ends).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Mapping
 
-import anyio
 import httpx
-from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cloud_router.endpoints import Endpoint
 from cloud_router.metrics import RouterMetrics
 from cloud_router.policy import Decision, RequestHints
-from cloud_router.protocol import error_body, sse_error_event
+from cloud_router.protocol import sse_error_event
 from cloud_router.table import EndpointTable
 
 log = logging.getLogger(__name__)
 
 FORWARDED_REQUEST_HEADERS = ("content-type", "accept", "user-agent", "x-request-id",
                              "traceparent", "tracestate")
-DROPPED_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length",
-                            "date", "server", "x-edgegen-node", "x-edgegen-tier",
-                            "x-edgegen-route"}
+NO_ENDPOINT_ROUTE = "none:no-endpoint"
 
 
 @dataclass(frozen=True)
@@ -45,14 +52,90 @@ class ForwardConfig:
     read_timeout_s: float = 120.0   # between two bytes, including the wait for headers
     max_connections: int = 512
     keepalive_expiry_s: float = 30.0
-    retry_after_s: int = 2          # what a 503 tells clients when nothing can serve
+    retry_after_s: int = 2          # when to try again, if nothing can serve
 
 
-@dataclass
+@dataclass(frozen=True)
+class Forwarded:
+    """An upstream's answer to pass on as it is: ``body`` holds it whole, unless ``stream``
+    is set (an SSE stream, whose sender must close it)."""
+
+    endpoint: Endpoint
+    route: str                    # why this endpoint (the policy's reason)
+    status: int
+    headers: Mapping[str, str]    # the upstream's response headers
+    body: bytes = b""
+    stream: UpstreamStream | None = None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """No endpoint could take the request; the client may try again after ``retry_after_s``."""
+
+    message: str
+    retry_after_s: int
+    route: str = NO_ENDPOINT_ROUTE
+
+
+@dataclass(frozen=True)
 class _Failure:
     endpoint: Endpoint
     why: str
-    response: Response | None = None   # the upstream's own 5xx/429, passed on if it is the last
+    answer: Forwarded | None = None   # the upstream's own 5xx/429, passed on if it is the last
+
+
+class UpstreamStream:
+    """An upstream SSE answer on its way to the client, whole events at a time.
+
+    The sender iterates ``events()`` and then calls ``close(delivered)`` exactly once, however
+    the sending ended: that releases the upstream response and counts the outcome.
+    """
+
+    def __init__(self, endpoint: Endpoint, first: bytes, rest: AsyncIterator[bytes],
+                 on_break: Callable[[BaseException], None],
+                 on_close: Callable[[str | None], Awaitable[None]]):
+        self.endpoint = endpoint
+        self._first, self._rest = first, rest
+        self._on_break, self._on_close = on_break, on_close
+        self.broken = False
+
+    async def events(self) -> AsyncIterator[bytes]:
+        buf = self._first
+        try:
+            while True:
+                cut = _last_event_end(buf)
+                if cut:
+                    yield buf[:cut]
+                    buf = buf[cut:]
+                try:
+                    buf += await self._rest.__anext__()
+                except StopAsyncIteration:
+                    break
+        except httpx.TransportError as exc:
+            self.broken = True
+            self._on_break(exc)
+            yield sse_error_event(
+                f"the stream from {self.endpoint.node} broke: {type(exc).__name__}")
+            return
+        if buf:
+            yield buf
+
+    async def close(self, delivered: bool) -> None:
+        """``delivered``: the client got the stream to its end (False: it left)."""
+        await self._on_close(None if self.broken else "ok" if delivered else "cancelled")
+
+
+_EVENT_ENDS = (b"\r\n\r\n", b"\n\n", b"\r\r")
+
+
+def _last_event_end(buf: bytes) -> int:
+    """Index just past the last complete SSE event in ``buf`` (0 if none is complete)."""
+    best = 0
+    for sep in _EVENT_ENDS:
+        i = buf.rfind(sep)
+        if i >= 0:
+            best = max(best, i + len(sep))
+    return best
 
 
 class Forwarder:
@@ -73,8 +156,8 @@ class Forwarder:
         await self.client.aclose()
 
     async def forward(self, path: str, body: bytes, headers: dict[str, str],
-                      hints: RequestHints) -> Response:
-        """One client request: choose, send, retry elsewhere if allowed; the client's answer."""
+                      hints: RequestHints) -> Forwarded | Refused:
+        """One client request: choose, send, retry elsewhere if allowed."""
         table = self.table
         table.budget.request(table.clock())
         tried: set[str] = set()
@@ -90,7 +173,7 @@ class Forwarder:
                 self.metrics.retries.inc()
             tried.add(decision.endpoint.id)
             result = await self._attempt(decision, path, body, headers)
-            if isinstance(result, Response):
+            if isinstance(result, Forwarded):
                 if decision.endpoint.tier == "central":
                     self.metrics.fallbacks.inc()
                 return result
@@ -99,23 +182,21 @@ class Forwarder:
                 "endpoint": result.endpoint.id, "why": result.why, "attempt": attempt + 1})
         return self._give_up(last, hints)
 
-    def _give_up(self, last: _Failure | None, hints: RequestHints) -> Response:
-        if last is not None and last.response is not None:
+    def _give_up(self, last: _Failure | None, hints: RequestHints) -> Forwarded | Refused:
+        if last is not None and last.answer is not None:
             self.metrics.requests.labels(last.endpoint.tier, "upstream_error").inc()
-            return last.response
+            return last.answer
         if last is None:
             msg = f"no healthy endpoint serves model {hints.model!r} right now"
-            outcome, tier = "no_endpoint", "none"
+            tier, outcome = "none", "no_endpoint"
         else:
             msg = f"every endpoint tried failed; last: {last.endpoint.node}: {last.why}"
-            outcome, tier = "upstream_error", last.endpoint.tier
+            tier, outcome = last.endpoint.tier, "upstream_error"
         self.metrics.requests.labels(tier, outcome).inc()
-        return JSONResponse(error_body(msg, "service_unavailable", "no_endpoint"), 503,
-                            headers={"retry-after": str(self.config.retry_after_s),
-                                     "x-edgegen-route": "none:no-endpoint"})
+        return Refused(msg, self.config.retry_after_s)
 
     async def _attempt(self, decision: Decision, path: str, body: bytes,
-                       headers: dict[str, str]) -> Response | _Failure:
+                       headers: dict[str, str]) -> Forwarded | _Failure:
         ep = decision.endpoint
         stats, clock = self.table.stats, self.table.clock
         stats.started(ep.id, probe=decision.probe)
@@ -130,8 +211,8 @@ class Forwarder:
             except httpx.TransportError as exc:
                 return self._failed(ep, start, f"{type(exc).__name__}: {exc}")
             ttfb_ms = (clock() - start) * 1000
-            reply_headers = _reply_headers(upstream.headers, ep, decision.reason)
             status = upstream.status_code
+            reply_headers = dict(upstream.headers.items())
             is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
             if status >= 500 or status == 429 or not is_sse:
                 try:
@@ -140,18 +221,18 @@ class Forwarder:
                     return self._failed(ep, start, f"{type(exc).__name__} reading body: {exc}")
                 finally:
                     await upstream.aclose()
-                response = Response(raw, status, headers=reply_headers)
+                answer = Forwarded(ep, decision.reason, status, reply_headers, body=raw)
                 self._observe(ep, start)
                 if status == 429:
                     stats.answered(ep.id)
-                    return _Failure(ep, "429 busy", response)
+                    return _Failure(ep, "429 busy", answer)
                 if status >= 500:
                     self._failed(ep, start, f"status {status}")
-                    return _Failure(ep, f"status {status}", response)
+                    return _Failure(ep, f"status {status}", answer)
                 stats.succeeded(ep.id, ttfb_ms)
                 outcome = "ok" if status < 400 else "client_error"
                 self.metrics.requests.labels(ep.tier, outcome).inc()
-                return response
+                return answer
             chunks = upstream.aiter_raw()
             try:
                 first = await chunks.__anext__()
@@ -160,10 +241,10 @@ class Forwarder:
                 return self._failed(ep, start, f"stream ended before its first byte: {exc!r}")
             stats.succeeded(ep.id, ttfb_ms)
             handed_over = True
-            return _SSEPassthrough(
-                _events(first, chunks, ep, self._stream_broken),
-                on_close=lambda done: self._stream_closed(ep, start, upstream, done),
-                status_code=status, headers=reply_headers)
+            stream = UpstreamStream(
+                ep, first, chunks, on_break=lambda exc: self._stream_broken(ep, exc),
+                on_close=lambda outcome: self._stream_closed(ep, start, upstream, outcome))
+            return Forwarded(ep, decision.reason, status, reply_headers, stream=stream)
         finally:
             if not handed_over:
                 stats.finished(ep.id)
@@ -178,95 +259,16 @@ class Forwarder:
         self.metrics.upstream_duration.labels(ep.id).observe(self.table.clock() - start)
 
     def _stream_broken(self, ep: Endpoint, exc: BaseException) -> None:
+        """Counted at once, before the client sees the error event."""
         log.warning("upstream stream broke", extra={"endpoint": ep.id, "error": repr(exc)})
         self.table.stats.failed(ep.id, self.table.clock(), self.table.tier_ids(ep.tier))
         self.metrics.requests.labels(ep.tier, "stream_broken").inc()
 
     async def _stream_closed(self, ep: Endpoint, start: float, upstream: httpx.Response,
-                             completed: bool | None) -> None:
-        """completed: True when upstream finished, False when it broke, None: client left."""
+                             outcome: str | None) -> None:
+        """outcome: ok | cancelled (the client left), None when already counted (broke)."""
         await upstream.aclose()
         self.table.stats.finished(ep.id)
         self._observe(ep, start)
-        if completed:
-            self.metrics.requests.labels(ep.tier, "ok").inc()
-        elif completed is None:
-            self.metrics.requests.labels(ep.tier, "cancelled").inc()
-
-
-def _reply_headers(upstream: httpx.Headers, ep: Endpoint, route: str) -> dict[str, str]:
-    out = {k: v for k, v in upstream.items() if k.lower() not in DROPPED_RESPONSE_HEADERS}
-    out.update({"x-edgegen-node": ep.node, "x-edgegen-tier": ep.tier, "x-edgegen-route": route})
-    return out
-
-
-_EVENT_ENDS = (b"\r\n\r\n", b"\n\n", b"\r\r")
-
-
-def _last_event_end(buf: bytes) -> int:
-    """Index just past the last complete SSE event in ``buf`` (0 if none is complete)."""
-    best = 0
-    for sep in _EVENT_ENDS:
-        i = buf.rfind(sep)
-        if i >= 0:
-            best = max(best, i + len(sep))
-    return best
-
-
-async def _events(first: bytes, rest: AsyncIterator[bytes], ep: Endpoint,
-                  on_break: Callable[[Endpoint, BaseException], None]) -> AsyncIterator[bytes]:
-    buf = first
-    try:
-        while True:
-            cut = _last_event_end(buf)
-            if cut:
-                yield buf[:cut]
-                buf = buf[cut:]
-            try:
-                buf += await rest.__anext__()
-            except StopAsyncIteration:
-                break
-    except httpx.TransportError as exc:
-        on_break(ep, exc)
-        yield sse_error_event(f"the stream from {ep.node} broke: {type(exc).__name__}")
-        raise _Broken from None
-    if buf:
-        yield buf
-
-
-class _Broken(Exception):
-    """Internal: the upstream stream broke (its error event has been sent)."""
-
-
-class _SSEPassthrough(StreamingResponse):
-    """A streaming response that also watches for the client leaving, whatever the server's
-    ASGI version, and always runs ``on_close(completed)`` to release the upstream."""
-
-    def __init__(self, content, on_close: Callable[[bool | None], Awaitable[None]], **kw):
-        super().__init__(content, **kw)
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        completed: bool | None = None
-
-        async def stream(cancel: anyio.CancelScope) -> None:
-            nonlocal completed
-            try:
-                await self.stream_response(send)
-                completed = True
-            except _Broken:
-                completed = False
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except OSError:
-                pass  # the client went away while we wrote to it
-            cancel.cancel()
-
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(stream, tg.cancel_scope)
-                await self.listen_for_disconnect(receive)
-                tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()
-                await self._on_close(completed)
+        if outcome is not None:
+            self.metrics.requests.labels(ep.tier, outcome).inc()

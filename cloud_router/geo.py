@@ -1,10 +1,29 @@
-"""Distances between points on the Earth, and the `x-edgegen-location` header's format."""
+"""Points on the Earth: the one place the router parses latitude and longitude (Consul Meta,
+the `x-edgegen-location` header) and measures distances between them."""
 
 from __future__ import annotations
 
 import math
 
 EARTH_RADIUS_KM = 6371.0088  # mean radius (IUGG)
+
+
+def _degrees(value, limit: float) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and abs(f) <= limit else None
+
+
+def latitude(value) -> float | None:
+    """Decimal degrees (a number or its text) within ±90; None for anything else."""
+    return _degrees(value, 90.0)
+
+
+def longitude(value) -> float | None:
+    """Decimal degrees (a number or its text) within ±180; None for anything else."""
+    return _degrees(value, 180.0)
 
 
 def great_circle_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
@@ -17,14 +36,10 @@ def great_circle_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float
 
 def parse_location(text: str) -> tuple[float, float]:
     """``"lat,lon"`` in decimal degrees → (lat, lon); ValueError naming the problem."""
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 2:
-        raise ValueError(f"expected 'lat,lon' in decimal degrees, got {text!r}")
     try:
-        lat, lon = float(parts[0]), float(parts[1])
+        lat, lon = (float(p.strip()) for p in text.split(","))
     except ValueError:
         raise ValueError(f"expected 'lat,lon' in decimal degrees, got {text!r}") from None
-    if not (math.isfinite(lat) and math.isfinite(lon)) or not -90 <= lat <= 90 \
-            or not -180 <= lon <= 180:
+    if latitude(lat) is None or longitude(lon) is None:
         raise ValueError(f"latitude must be within ±90 and longitude within ±180, got {text!r}")
     return lat, lon

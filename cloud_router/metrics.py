@@ -1,4 +1,21 @@
-"""The router's Prometheus metrics (names in DESIGN.md), one registry per app."""
+"""The router's Prometheus metrics (names in DESIGN.md), one registry per app.
+
+``edgegen_router_requests_total{tier,outcome}`` counts every POST to the forwarded OpenAI
+paths once, by whoever decides its outcome: the forwarder for what it forwarded or could not
+place, the app for what it refuses before forwarding (the router's own pages and FastAPI's
+404/405 are not counted). Label values:
+
+    tier           outcome         the request
+    edge|central   ok              answered below 400, or streamed to its end
+    edge|central   client_error    answered 4xx by the upstream (not 429), passed on
+    edge|central   upstream_error  every try failed: the last 5xx/429 passed on, or a 503
+    edge|central   stream_broken   its stream broke after the first byte
+    edge|central   cancelled       its client left during the stream
+    none           no_endpoint     503: no endpoint serves its model now
+    none           unauthorized    401: refused by the router, no valid API key
+    none           unknown_model   404: refused by the router, no endpoint ever served it
+    none           bad_request     400: refused by the router (not JSON, no model, bad hint)
+"""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ import uvicorn
 
 from cloud_router.app import build_app
 from cloud_router.discovery import ServiceWatcher
-from cloud_router.settings import CENTRAL_SERVICE, EDGE_SERVICE, RouterSettings
+from cloud_router.endpoints import CENTRAL_SERVICE, EDGE_SERVICE
+from cloud_router.settings import RouterSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def router_app(settings: RouterSettings):
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    return build_app(settings, [lambda w=w: w.endpoints for w in watchers],
+    return build_app(settings, watchers,
                      ready=lambda: all(w.loaded for w in watchers),
                      lifespan_tasks=run_watchers)
 

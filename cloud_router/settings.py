@@ -8,9 +8,6 @@ from cloud_router.forwarding import ForwardConfig
 from cloud_router.policy import PolicyConfig
 from cloud_router.stats import EjectionConfig
 
-EDGE_SERVICE = "edgegen-edge"
-CENTRAL_SERVICE = "edgegen-central"
-
 
 @dataclass(frozen=True)
 class RouterSettings:

@@ -2,7 +2,7 @@
 
 Mutable state, but no clock and no I/O: every method takes ``now`` (seconds, monotonic), so
 the ejection and budget rules are tested on plain numbers. The forwarder feeds it outcomes;
-the policy reads a snapshot of it.
+the policy reads a snapshot of it (an immutable copy).
 
 Outlier ejection follows Envoy's: ``consecutive_failures`` failures in a row eject an endpoint
 for a backoff that doubles with each ejection (capped); when the backoff is over, the next
@@ -14,7 +14,9 @@ brings it back, failure ejects it again for longer). Ejections never take more t
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Collection, Mapping
 
 
 @dataclass(frozen=True)
@@ -25,8 +27,10 @@ class EjectionConfig:
     max_ejection_share: float = 0.5
 
 
-@dataclass
+@dataclass(frozen=True)
 class EndpointStats:
+    """One endpoint's stats at one moment: a value, replaced (never changed) on each event."""
+
     inflight: int = 0
     ewma_ms: float | None = None        # latency to response headers, smoothed
     consecutive_failures: int = 0
@@ -46,8 +50,12 @@ class EndpointStats:
         return "ejected" if now < self.ejected_until else "probe-due"
 
 
+_NEW = EndpointStats()
+
+
 class StatsBook:
-    """Per-endpoint stats keyed by endpoint id."""
+    """Per-endpoint stats keyed by endpoint id. Each event stores a new ``EndpointStats``, so
+    a snapshot is a copy of the dict and later events cannot change what it holds."""
 
     def __init__(self, ejection: EjectionConfig = EjectionConfig(), ewma_alpha: float = 0.3):
         self.ejection = ejection
@@ -55,66 +63,60 @@ class StatsBook:
         self._stats: dict[str, EndpointStats] = {}
 
     def get(self, endpoint_id: str) -> EndpointStats:
-        return self._stats.setdefault(endpoint_id, EndpointStats())
+        return self._stats.get(endpoint_id, _NEW)
 
-    def snapshot(self) -> dict[str, EndpointStats]:
-        return self._stats
+    def snapshot(self) -> Mapping[str, EndpointStats]:
+        """Every endpoint's stats now, read-only; later events do not show in it."""
+        return MappingProxyType(dict(self._stats))
 
-    def forget_except(self, ids: set[str]) -> None:
-        """Drop endpoints that left the table (keeps those with requests still in flight)."""
+    def forget_except(self, ids: Collection[str]) -> None:
+        """Drop endpoints that left the fleet (keeps those with requests still in flight)."""
         for key in [k for k, s in self._stats.items() if k not in ids and s.inflight == 0]:
             del self._stats[key]
 
+    def _set(self, endpoint_id: str, **changes) -> EndpointStats:
+        s = self._stats[endpoint_id] = replace(self.get(endpoint_id), **changes)
+        return s
+
     def started(self, endpoint_id: str, probe: bool = False) -> None:
         s = self.get(endpoint_id)
-        s.inflight += 1
-        s.requests += 1
-        if probe:
-            s.probe_inflight = True
+        self._set(endpoint_id, inflight=s.inflight + 1, requests=s.requests + 1,
+                  probe_inflight=s.probe_inflight or probe)
 
     def finished(self, endpoint_id: str) -> None:
-        s = self.get(endpoint_id)
-        s.inflight = max(0, s.inflight - 1)
+        self._set(endpoint_id, inflight=max(0, self.get(endpoint_id).inflight - 1))
 
     def succeeded(self, endpoint_id: str, latency_ms: float) -> None:
-        s = self.get(endpoint_id)
-        s.ewma_ms = latency_ms if s.ewma_ms is None else (
-            self.alpha * latency_ms + (1 - self.alpha) * s.ewma_ms)
-        s.consecutive_failures = 0
-        s.ejected_until = None
-        s.probe_inflight = False
-        s.backoff_level = 0
+        ewma = self.get(endpoint_id).ewma_ms
+        self._set(endpoint_id, ewma_ms=latency_ms if ewma is None else (
+            self.alpha * latency_ms + (1 - self.alpha) * ewma))
+        self.answered(endpoint_id)
 
     def answered(self, endpoint_id: str) -> None:
         """It answered, if only to say it is busy (429): alive, but no latency sample."""
-        s = self.get(endpoint_id)
-        s.consecutive_failures = 0
-        s.ejected_until = None
-        s.probe_inflight = False
-        s.backoff_level = 0
+        self._set(endpoint_id, consecutive_failures=0, ejected_until=None,
+                  probe_inflight=False, backoff_level=0)
 
-    def failed(self, endpoint_id: str, now: float, tier_ids: list[str]) -> bool:
+    def failed(self, endpoint_id: str, now: float, tier_ids: Collection[str]) -> bool:
         """Count a failure; returns True when this failure ejected the endpoint."""
-        s = self.get(endpoint_id)
-        s.failures += 1
-        s.consecutive_failures += 1
-        was_probe = s.probe_inflight
-        s.probe_inflight = False
-        if not was_probe and (s.ejected_until is not None
-                              or s.consecutive_failures < self.ejection.consecutive_failures):
-            return False
-        if not was_probe and not self._may_eject(now, tier_ids):
-            return False
-        backoff = min(self.ejection.max_backoff_s,
-                      self.ejection.base_backoff_s * 2 ** s.backoff_level)
-        s.ejected_until = now + backoff
-        s.ejections += 1
-        s.backoff_level += 1
-        return True
+        before = self.get(endpoint_id)
+        s = self._set(endpoint_id, failures=before.failures + 1, probe_inflight=False,
+                      consecutive_failures=before.consecutive_failures + 1)
+        # A failed probe ejects again at once; otherwise a healthy endpoint is ejected after
+        # enough failures in a row, if the tier can spare it.
+        eject = before.probe_inflight or (
+            s.ejected_until is None
+            and s.consecutive_failures >= self.ejection.consecutive_failures
+            and self._may_eject(tier_ids))
+        if eject:
+            backoff = min(self.ejection.max_backoff_s,
+                          self.ejection.base_backoff_s * 2 ** s.backoff_level)
+            self._set(endpoint_id, ejected_until=now + backoff, ejections=s.ejections + 1,
+                      backoff_level=s.backoff_level + 1)
+        return eject
 
-    def _may_eject(self, now: float, tier_ids: list[str]) -> bool:
-        ejected = sum(1 for i in tier_ids if i in self._stats
-                      and self._stats[i].ejected_until is not None)
+    def _may_eject(self, tier_ids: Collection[str]) -> bool:
+        ejected = sum(1 for i in tier_ids if self.get(i).ejected_until is not None)
         allowed = max(1, int(self.ejection.max_ejection_share * len(tier_ids)))
         return ejected + 1 <= allowed
 

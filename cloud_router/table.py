@@ -1,68 +1,85 @@
-"""The router's live endpoint table: Consul's endpoints joined with what the router learned.
+"""The router's live endpoint table: the fleet from discovery joined with what the router
+learned about each endpoint.
 
-Owns the mutable parts (stats, retry budget, random source, clock) and hands the pure policy a
-snapshot for each decision. Endpoints come from ``sources``: callables returning the current
-endpoints (the discovery watchers' ``.endpoints``, or a fixed list in tests).
+Owns the mutable parts (the current fleet, stats, retry budget, random source, clock) and hands
+the pure policy snapshots for each decision. Endpoints come from ``sources`` (the discovery
+watchers, or a list in tests); the fleet is rebuilt only when a source's ``generation`` has
+moved, and that is also when the stats of endpoints that left are dropped.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from typing import Callable, Iterable
+from typing import Callable, Protocol, Sequence
 
 from cloud_router.endpoints import Endpoint
+from cloud_router.fleet import Fleet
 from cloud_router.policy import Decision, PolicyConfig, RequestHints, choose_endpoint
 from cloud_router.stats import EjectionConfig, RetryBudget, StatsBook
 
-EndpointSource = Callable[[], Iterable[Endpoint]]
+
+class EndpointSource(Protocol):
+    """Where endpoints come from. ``generation`` changes whenever ``endpoints`` does (set the
+    endpoints first, then move the generation)."""
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def endpoints(self) -> list[Endpoint]: ...
 
 
 class EndpointTable:
-    def __init__(self, sources: list[EndpointSource], *, policy: PolicyConfig = PolicyConfig(),
+    def __init__(self, sources: Sequence[EndpointSource], *,
+                 policy: PolicyConfig = PolicyConfig(),
                  ejection: EjectionConfig = EjectionConfig(),
                  budget: RetryBudget | None = None, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic):
-        self.sources = sources
+        self.sources = tuple(sources)
         self.policy = policy
         self.stats = StatsBook(ejection)
         self.budget = budget or RetryBudget()
         self.rng = rng or random.Random()
         self.clock = clock
-        self.seen_models: set[str] = set()  # every model the table has held since start
+        self._fleet = Fleet.of(())
+        self._generations: tuple[int, ...] | None = None
 
-    def endpoints(self) -> list[Endpoint]:
-        out: dict[str, Endpoint] = {}
-        for source in self.sources:
-            for e in source():
-                out[e.id] = e
-        self.seen_models.update(e.model for e in out.values() if e.model)
-        return list(out.values())
+    @property
+    def fleet(self) -> Fleet:
+        """The current fleet, rebuilt here only when a source reports a change."""
+        generations = tuple(s.generation for s in self.sources)
+        if generations != self._generations:
+            # Generations are read before endpoints: a change that lands in between is seen
+            # now and rebuilt once more on the next read.
+            self._generations = generations
+            self._fleet = Fleet.of((e for s in self.sources for e in s.endpoints),
+                                   self._fleet.known_models)
+            self.stats.forget_except(self._fleet.by_id.keys())
+        return self._fleet
 
     def models(self) -> list[str]:
-        """Models served by an endpoint in the table now."""
-        return sorted({e.model for e in self.endpoints() if e.model})
+        """Models served by an endpoint in the fleet now."""
+        return list(self.fleet.models)
 
     def known_model(self, model: str) -> bool:
         """Served now or earlier: a model whose endpoints all went away is unavailable (503),
         not unknown (404)."""
-        self.endpoints()
-        return model in self.seen_models
+        return model in self.fleet.known_models
 
     def choose(self, hints: RequestHints, exclude: set[str] | frozenset = frozenset()) -> Decision:
-        endpoints = self.endpoints()
-        self.stats.forget_except({e.id for e in endpoints})
-        return choose_endpoint(endpoints, hints, self.stats.snapshot(), self.rng, self.clock(),
-                               self.policy, exclude)
+        return choose_endpoint(self.fleet.serving.get(hints.model, ()), hints,
+                               self.stats.snapshot(), self.rng, self.clock(), self.policy,
+                               exclude)
 
-    def tier_ids(self, tier: str) -> list[str]:
-        return [e.id for e in self.endpoints() if e.tier == tier]
+    def tier_ids(self, tier: str) -> tuple[str, ...]:
+        return self.fleet.tier_ids.get(tier, ())
 
     def rows(self) -> list[dict]:
         """The table as `/edgegen/v1/endpoints` shows it."""
         now = self.clock()
         rows = []
-        for e in sorted(self.endpoints(), key=lambda e: (e.tier != "edge", e.region, e.id)):
+        for e in sorted(self.fleet.endpoints, key=lambda e: (e.tier != "edge", e.region, e.id)):
             s = self.stats.get(e.id)
             rows.append({
                 "id": e.id, "node": e.node, "tier": e.tier, "url": e.url, "model": e.model,

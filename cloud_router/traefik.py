@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import yaml
 
-from cloud_router.endpoints import Endpoint
+from cloud_router.endpoints import CENTRAL_SERVICE, EDGE_SERVICE, Endpoint
 
 HEALTH = {"path": "/readyz", "interval": "2s", "timeout": "1s"}
 PATHS = "PathPrefix(`/v1/`)"
@@ -81,7 +81,6 @@ async def endpoints_from_consul(consul_url: str) -> list[Endpoint]:
     import httpx
 
     from cloud_router.discovery import ServiceWatcher, endpoints_from_health
-    from cloud_router.settings import CENTRAL_SERVICE, EDGE_SERVICE
 
     out: list[Endpoint] = []
     async with httpx.AsyncClient(trust_env=False) as client:

@@ -16,10 +16,36 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Sequence
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# Options of `edgegen` itself (cli/main.py) that take a value: the value is not the command.
+EDGEGEN_OPTIONS_WITH_VALUE = ("--log-level",)
+
+
+def started_as_agent(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` (``sys.argv``) runs the `edgegen agent` command: the program is the
+    ``edgegen`` script or ``python -m cli.main``, and its first argument that is neither an
+    option of edgegen's nor an option's value is ``agent``. Not a test runner that drives the
+    CLI in-process (re-executing it would rerun the tests), nor ``agent`` as a value
+    (``edgegen up --bundle agent``)."""
+    if not argv or not _is_edgegen(argv[0]):
+        return False
+    args = iter(argv[1:])
+    for arg in args:
+        if arg in EDGEGEN_OPTIONS_WITH_VALUE:
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg == "agent"
+    return False
+
+
+def _is_edgegen(program: str) -> bool:
+    """The console script, or cli/main.py (what ``sys.argv[0]`` is under ``-m cli.main``)."""
+    path = PurePath(program)
+    return path.name == "edgegen" or path.parts[-2:] == ("cli", "main.py")
 
 
 def wanted() -> bool:
@@ -47,8 +73,8 @@ def _glibc_235() -> bool:
 
 def reexec_with_hugepages() -> None:
     """Replace this process with the same command line plus the tunable (no return), if wanted.
-    Only for a process started as ``... agent ...`` (not, say, a test runner calling the CLI)."""
-    if "agent" not in sys.orig_argv[1:] or not wanted():
+    Only for a process started as `edgegen agent` (see :func:`started_as_agent`)."""
+    if not started_as_agent(sys.argv) or not wanted():
         return
     tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), TUNABLE]))
     sys.stdout.flush()

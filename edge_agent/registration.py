@@ -31,8 +31,14 @@ CHECK_TIMEOUT = "1s"
 DEREGISTER_AFTER = "1m"
 
 
+# The wire contract with the router's discovery (cloud_router.endpoints reads the same names
+# and Meta keys; the packages share no code, and tests/test_wire_contracts.py pins the copies).
+EDGE_SERVICE = "edgegen-edge"
+CENTRAL_SERVICE = "edgegen-central"
+
+
 def service_name(tier: str) -> str:
-    return "edgegen-central" if tier == "central" else "edgegen-edge"
+    return CENTRAL_SERVICE if tier == "central" else EDGE_SERVICE
 
 
 def service_id(settings: AgentSettings) -> str:

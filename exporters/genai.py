@@ -30,7 +30,6 @@ ARCHITECTURES = frozenset({
     "Gemma3ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "NemotronForCausalLM",
     "SmolLM3ForCausalLM", "InternLM2ForCausalLM", "Ernie4_5ForCausalLM",
 })
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # Copied from the source folder: the builder writes the tokenizer files but not these.
 EXTRA_FILES = ("config.json", "generation_config.json")
 BUILDER_TIMEOUT_S = 3600

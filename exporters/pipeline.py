@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edge_agent.bundle import Bundle, default_store, staging_dir, write_bundle
+from edge_agent.bundle import PRECISIONS, TASKS, Bundle, default_store, staging_dir, write_bundle
 from exporters import gate, genai, optimum_export, quantize, validation
 from exporters.errors import (
     ExportError,
@@ -31,8 +31,6 @@ from exporters.sources import Source, cache_root, resolve_source
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-TASKS = ("text-generation", "feature-extraction")
 EXPORTERS = ("genai", "optimum")
 DEVICES = ("cpu", "cuda")
 # Capped so that the default KV cache of a long-context model fits a small edge device;

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -207,36 +209,41 @@ def start_fleet(opts: FleetOptions, console=None) -> Fleet:
         raise
 
 
+def try_it(fleet: Fleet) -> list[str]:
+    """Commands to try a running fleet with: a chat request through the router, one over
+    MQTT, and the status of the agents."""
+    body = (f'{{"model": "{fleet.bundle.name}", "messages": '
+            f'[{{"role": "user", "content": "Hello!"}}]}}')
+    lines = [f"curl -s {fleet.router_url}/v1/chat/completions "
+             f"-H 'content-type: application/json' -d '{body}'"]
+    if fleet.mqtt_url:
+        lines.append(f"edgegen mqtt chat --broker {fleet.mqtt_url} 'Hello!'")
+    lines.append(f"edgegen status --target local --consul {fleet.registry_url}")
+    return lines
+
+
 def run_fleet(opts: FleetOptions, console=None, demo: bool = False) -> None:
     """Start the fleet, print how to use it, then serve until Ctrl-C (or, with ``demo``,
-    ask one question over REST and one over MQTT and return)."""
+    ask one question over REST and one over MQTT and stop: no "try it" for a fleet that
+    is about to go)."""
     def _terminate(signum, frame):
         raise KeyboardInterrupt  # SIGTERM stops the fleet as cleanly as Ctrl-C
 
+    def say(text: str) -> None:  # commands and answers: plain text, never rich markup
+        if console:
+            console.print(text, markup=False, soft_wrap=True)
+        else:
+            print(text)
+
     signal.signal(signal.SIGTERM, _terminate)
     fleet = start_fleet(opts, console)
-    say = console.print if console else print
     try:
-        say("\n[bold]try it:[/]" if console else "\ntry it:")
-        say(f"  curl -s {fleet.router_url}/v1/chat/completions -H 'content-type: "
-            f"application/json' -d '{{\"model\": \"{fleet.bundle.name}\", \"messages\": "
-            f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'", markup=False,
-            soft_wrap=True) \
-            if console else None
-        if fleet.mqtt_url:
-            say(f"  edgegen mqtt chat --broker {fleet.mqtt_url} 'Hello!'", markup=False) \
-                if console else None
-        say(f"  edgegen status --target local --consul {fleet.registry_url}", markup=False) \
-            if console else None
         if demo:
-            from manifests.demo import PROMPT, ask_mqtt, ask_rest
-
-            say(f"\nQuestion: {PROMPT}", markup=False)
-            answer, node = ask_rest(fleet.router_url, fleet.bundle.name)
-            say(f"REST answer (router → {node}): {answer}", markup=False, soft_wrap=True)
-            if fleet.mqtt_url:
-                say(f"MQTT answer: {ask_mqtt(fleet.mqtt_url)}", markup=False, soft_wrap=True)
+            _demo(fleet, say)
             return
+        say("\ntry it:")
+        for line in try_it(fleet):
+            say(f"  {line}")
         say("\nCtrl-C stops everything.")
         while True:
             dead = [n for n, p in fleet.procs if p.poll() is not None
@@ -248,3 +255,14 @@ def run_fleet(opts: FleetOptions, console=None, demo: bool = False) -> None:
         say("\nstopping ...")
     finally:
         fleet.stop()
+
+
+def _demo(fleet: Fleet, say: Callable[[str], None]) -> None:
+    from manifests.demo import PROMPT, ask_mqtt, ask_rest, mqtt_chat_command
+
+    say(f"\nQuestion: {PROMPT}")
+    answer, node = ask_rest(fleet.router_url, fleet.bundle.name)
+    say(f"REST answer (router → {node}): {answer}")
+    if fleet.mqtt_url:
+        say(f"MQTT question: {shlex.join(['edgegen', *mqtt_chat_command(fleet.mqtt_url)])}")
+        say(f"MQTT answer: {ask_mqtt(fleet.mqtt_url)}")

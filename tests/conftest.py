@@ -10,8 +10,19 @@ Every fixture returns an ``edge_agent.bundle.Bundle`` built with ``exporters.exp
 - ``smollm2_int4_bundle`` / ``smollm2_fp32_bundle`` (genai) and ``smollm2_int8_bundle``
   (optimum): the real SmolLM2-135M-Instruct from ``builtin:smollm2-135m-instruct``.
 
+- ``fake_bundle``: a well-formed bundle with no model inside, for what only reads manifests
+  (deploy, render, status).
+
 The models are built from configs here, never downloaded. The dequantized SmolLM2 folder is
 cached under $EDGEGEN_CACHE (default ~/.cache/edgegen), like any export would.
+
+Text-only tests need no exported model: ``bpe_tokenizer_dir`` / ``bpe_tokenizer`` are a small
+byte-level BPE trained here in milliseconds, with SmolLM2's ChatML special tokens at SmolLM2's
+ids (``<|endoftext|>`` 0, ``<|im_start|>`` 1, ``<|im_end|>`` 2).
+
+The fast layer: every test under ``tests/e2e/`` and every test that uses an exported bundle
+(any fixture in ``SLOW_FIXTURES``, directly or through another fixture) is marked ``slow``,
+so ``pytest -m "not slow"`` runs the rest: the fast layer, fakes and real local processes.
 """
 
 from __future__ import annotations
@@ -23,6 +34,80 @@ from pathlib import Path
 import pytest
 
 TINY_THREADS = 2
+
+# Fixtures that export (or build the source of) a model; a test using any of them is slow.
+SLOW_FIXTURES = frozenset({
+    "tiny_genai_bundle", "tiny_optimum_bundle", "tiny_embedding_bundle",
+    "smollm2_source_dir", "tiny_llama_dir", "tiny_bert_dir",
+})
+SLOW_FIXTURE_PREFIX = "smollm2_"
+E2E_DIR = Path(__file__).parent / "e2e"
+
+
+def is_slow(item: pytest.Item) -> bool:
+    """End-to-end, or needs an exported model (``fixturenames`` is the whole closure)."""
+    if E2E_DIR in Path(item.path).parents:
+        return True
+    names = getattr(item, "fixturenames", ())
+    return any(n in SLOW_FIXTURES or n.startswith(SLOW_FIXTURE_PREFIX) for n in names)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if is_slow(item):
+            item.add_marker(pytest.mark.slow)
+
+
+# --- a small tokenizer, for tests of text handling -------------------------------------------
+
+CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# What the BPE is trained on: enough English for merges that look like words. Text outside it
+# (accents, CJK, emoji) falls back to single bytes, so multi-byte characters span tokens.
+TRAINING_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Hello there! How are you today? I am fine, "
+    "thank you. The weather is nice and the sun is shining over the green hills.",
+    "Paris is the capital of France. Berlin is the capital of Germany. Tokyo is the capital "
+    "of Japan, and Rome is the capital of Italy. What is the capital of Spain?",
+    "Tell me a joke with two lines. Why did the chicken cross the road? To get to the other "
+    "side. That is the end of the story; the end of the line, and then we stop.",
+    "You are a helpful assistant. You are terse. The user asks a question and the assistant "
+    "answers it in one short sentence, then says goodbye and stops.",
+)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE (400 tokens) with ChatML special tokens: ``tokenizer.json`` and a
+    ``tokenizer_config.json`` naming its special tokens, as in a Hugging Face folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    out = tmp_path_factory.mktemp("bpe-tokenizer")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(CHATML_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(TRAINING_TEXT * 3, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048,
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
+    }, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(bpe_tokenizer_dir):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(bpe_tokenizer_dir / "tokenizer.json"))
+
+
+# --- exported bundles ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -141,3 +226,19 @@ def smollm2_fp32_bundle(bundle_store):
 def read_manifest_json(bundle) -> dict:
     """The manifest as written on disk (what the agent reads)."""
     return json.loads((bundle.path / "edgegen.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def fake_bundle(tmp_path_factory):
+    """A small, well-formed bundle directory (no model inside: deploy only reads its manifest)."""
+    from edge_agent.bundle import staging_dir, write_bundle
+
+    store = tmp_path_factory.mktemp("store")
+    stage = staging_dir(store)
+    (stage / "model.onnx").write_bytes(b"not a real model")
+    manifest = {
+        "name": "tiny-test", "task": "text-generation", "runtime": "onnxruntime",
+        "exporter": "test", "source": {"kind": "test", "reference": "none", "sha256": "0" * 64},
+        "precision": "int8", "signature": {}, "context_length": 128, "validation": {},
+    }
+    return write_bundle(stage, manifest, store)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 
-EARTH_RADIUS_KM = 6371.0
+from cloud_router.geo import EARTH_RADIUS_KM, latitude, longitude
+
 FIBRE_KM_PER_S = 200_000.0
 MIN_HEIGHT = 1e-5  # Consul's floor for Height (10 µs)
 DIMENSIONS = 8
@@ -36,10 +37,5 @@ def rtt_seconds(a: dict, b: dict) -> float:
 
 def location_of(meta: dict) -> tuple[float, float] | None:
     """(lat, lon) from a service's Meta, or None when absent or not numbers in range."""
-    try:
-        lat, lon = float(meta["lat"]), float(meta["lon"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    if not (math.isfinite(lat) and math.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
-        return None
-    return lat, lon
+    lat, lon = latitude(meta.get("lat")), longitude(meta.get("lon"))
+    return None if lat is None or lon is None else (lat, lon)

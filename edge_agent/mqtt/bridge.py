@@ -287,15 +287,15 @@ class MqttBridge:
                 self.metrics.count(status)
                 self._publish(route, last)
         except asyncio.CancelledError:
-            self._publish(route, error_payload("the agent is shutting down", "shutting_down",
-                                               type="server_error"))
-            self.metrics.count("error")
+            self.metrics.count("error")  # counted before the device holds its answer, as above
+            self._publish(route, error_payload(503, "the agent is shutting down",
+                                               "shutting_down"))
             raise
         except Exception:
             log.exception("MQTT request failed")
-            self._publish(route, error_payload("internal error while serving the request",
-                                               "internal_error", type="server_error"))
             self.metrics.count("error")
+            self._publish(route, error_payload(500, "internal error while serving the request",
+                                               "internal_error"))
 
     async def _stream(self, stream, route: ReplyRoute) -> tuple[str, dict]:
         """Publish a chunk stream coalesced by size and time; return the outcome's status and
@@ -341,8 +341,7 @@ class MqttBridge:
                     log.warning("closing a chat stream failed", exc_info=True)
         final = coalescer.finish()
         if final is None:
-            return "error", error_payload("the model produced no output", "empty_stream",
-                                          type="server_error")
+            return "error", error_payload(500, "the model produced no output", "empty_stream")
         return "ok", final
 
     def _publish(self, route: ReplyRoute, message: dict | None) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from edge_agent.errors import MqttConfigError
+from edge_agent.serving.protocol import error_body
 
 TOPIC_PREFIX = "edgegen/v1"
 SHARE_GROUP = "edgegen"
@@ -123,10 +124,10 @@ class RejectedRequest:
     code: str
 
 
-def error_payload(message: str, code: str, *, type: str = "invalid_request_error",
-                  param: str | None = None) -> dict:
-    """OpenAI's error shape."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+def error_payload(status: int, message: str, code: str, *, param: str | None = None) -> dict:
+    """OpenAI's error body, typed as the HTTP status ``status`` would be over REST (the same
+    ``error_body`` as REST's, so a device and an HTTP client see the same error)."""
+    return error_body(status, message, param=param, code=code)
 
 
 def parse_request(payload: bytes, *, response_topic: str | None = None,
@@ -139,12 +140,13 @@ def parse_request(payload: bytes, *, response_topic: str | None = None,
     """
     reply = ReplyRoute(response_topic, correlation_data) if response_topic else None
 
-    def reject(message: str, code: str, param: str | None = None) -> RejectedRequest:
-        return RejectedRequest(error_payload(message, code, param=param), reply, code)
+    def reject(message: str, code: str, param: str | None = None, *,
+               status: int = 400) -> RejectedRequest:
+        return RejectedRequest(error_payload(status, message, code, param=param), reply, code)
 
     if len(payload) > max_payload:
         return reject(f"payload of {len(payload)} bytes is over this agent's limit of "
-                      f"{max_payload} bytes", "payload_too_large")
+                      f"{max_payload} bytes", "payload_too_large", status=413)
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -161,7 +163,7 @@ def parse_request(payload: bytes, *, response_topic: str | None = None,
         if not valid_publish_topic(body["reply_to"]):
             # No usable route: nobody can be told, the caller counts it.
             return RejectedRequest(
-                error_payload("reply_to must be a topic name without wildcards",
+                error_payload(400, "reply_to must be a topic name without wildcards",
                               "invalid_reply_to", param="reply_to"),
                 None, "invalid_reply_to")
         correlation = body.get("correlation_id")

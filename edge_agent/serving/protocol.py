@@ -11,9 +11,10 @@ for a usage chunk (``stream_options.include_usage``).
 Error values. ``serving`` never raises for a request-level problem; it returns an
 ``ErrorResult``: ``status`` (the HTTP status the router sends), ``body`` (OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``) and ``headers`` (e.g. ``Retry-After``
-on 429). Types used: ``invalid_request_error`` (400), ``not_found_error`` (404),
-``authentication_error`` (401), ``rate_limited`` (429, queue full), ``service_unavailable``
-(503, draining / not loaded), ``server_error`` (500, the runtime failed).
+on 429). The type of each status is ``ERROR_TYPES``: ``invalid_request_error`` (400, 413),
+``authentication_error`` (401, a bad admin token), ``permission_error`` (403),
+``not_found_error`` (404), ``rate_limited`` (429, queue full), ``server_error`` (500, the
+runtime failed), ``service_unavailable`` (503, the MQTT face while the agent shuts down).
 """
 
 from __future__ import annotations

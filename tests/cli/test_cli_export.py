@@ -2,6 +2,7 @@
 one line, the right exit code, no traceback, nothing written)."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -10,14 +11,15 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from tests.exporters.gguf_support import write_tiny_llama_gguf
 from tests.support.procs import REPO
 
 runner = CliRunner()
 
 
-def edgegen(*args, timeout=300):
+def edgegen(*args, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_help_lists_every_flag():
@@ -83,3 +85,35 @@ def test_bad_input_is_one_line_with_an_exit_code(args, code, message, tiny_llama
 def test_debug_shows_the_traceback(tmp_path):
     r = edgegen("--debug", "export", str(tmp_path / "missing.gguf"))
     assert r.returncode == 1 and "Traceback" in r.stderr and "SourceError" in r.stderr
+
+
+# What transformers, optimum and torch print while a GGUF is dequantized and traced.
+LIBRARY_NOISE = (
+    "default legacy behaviour",              # the GGUF tokenizer
+    "`torch_dtype` is deprecated",
+    "Converting and de-quantizing GGUF",     # tqdm's bar ...
+    "it/s]",                                 # ... and any other
+    "TracerWarning",
+    "UserWarning",
+    "Found different candidate ONNX initializers",  # optimum's logger
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("debug", [False, True], ids=["default", "debug"])
+def test_export_keeps_library_noise_out_of_the_terminal(debug, tmp_path):
+    """A GGUF source through optimum meets every kind of library noise; by default only
+    edgegen's progress reaches stderr and stdout is the JSON alone; --debug shows it all."""
+    gguf = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    env = {**os.environ, "EDGEGEN_CACHE": str(tmp_path / "cache")}  # dequantize afresh
+    args = ["export", str(gguf), "--precision", "fp32", "--exporter", "optimum",
+            "--out", str(tmp_path / "store"), "--threads", "1", "--json"]
+    r = edgegen(*(["--debug"] if debug else []), *args, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["precision"] == "fp32"
+    assert "validating against the PyTorch fp32 reference" in r.stderr
+    shown = [noise for noise in LIBRARY_NOISE if noise in r.stderr]
+    if debug:
+        assert "`torch_dtype` is deprecated" in shown and "it/s]" in shown, r.stderr
+    else:
+        assert shown == [], r.stderr

@@ -140,18 +140,38 @@ def upstreams():
 
 @pytest.fixture
 def fleet(upstreams):
-    """The endpoint list the router reads (tests edit it); upstreams reset to healthy."""
+    """The endpoints a router starts with (tests edit it before `start_router`); upstreams
+    reset to healthy."""
     for u in upstreams.values():
         u.mode, u.hits = "ok", 0
         u.streams.clear()
     return [u.endpoint for u in upstreams.values()]
 
 
+class EndpointList:
+    """A list of endpoints as the router's source: ``set`` replaces it and reports the change
+    (moves the generation), as a discovery watcher does."""
+
+    def __init__(self, endpoints=()):
+        self._endpoints = list(endpoints)
+        self.generation = 0
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return list(self._endpoints)
+
+    def set(self, endpoints) -> None:
+        self._endpoints = list(endpoints)
+        self.generation += 1
+
+
 def start_router(fleet: list[Endpoint], **settings) -> ServerThread:
-    app = build_app(RouterSettings(**settings), [lambda: list(fleet)])
+    """The router over ``fleet`` (copied); change what it sees with ``router.source.set``."""
+    source = EndpointList(fleet)
+    app = build_app(RouterSettings(**settings), [source])
     router = ServerThread(app)
     wait_http(router.url + "/healthz")
-    router.app = app
+    router.app, router.source = app, source
     return router
 
 

@@ -2,19 +2,12 @@
 API keys, and the `edgegen router` command."""
 
 import logging
-import subprocess
-import sys
 
 import httpx
-import yaml
-from typer.testing import CliRunner
 
-from cli.main import app as cli_app
 from cloud_router.endpoints import Endpoint
 from cloud_router.traefik import traefik_config
-from tests.cloud_router.router_support import (  # noqa: F401 (fixtures)
-    fleet, router, start_router, upstreams)
-from tests.support.procs import REPO, free_port, wait_http
+from tests.cloud_router.router_support import fleet, router, start_router, upstreams  # noqa: F401 (fixtures)
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -36,6 +29,69 @@ def test_client_mistakes_get_openai_shaped_4xx(router):
     assert r.status_code == 400 and "latitude" in r.json()["error"]["message"]
     r = httpx.get(router.url + "/edgegen/v1/route")
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+def test_error_types_follow_the_status(fleet):
+    r = start_router(fleet, api_keys=frozenset({"sk-1"}))
+    try:
+        url = r.url + "/v1/chat/completions"
+        assert httpx.post(url, json=CHAT).json()["error"]["type"] == "authentication_error"
+        auth = {"authorization": "Bearer sk-1"}
+        err = httpx.post(url, json={**CHAT, "model": "gpt-9"}, headers=auth).json()["error"]
+        assert err["type"] == "not_found_error"
+        err = httpx.post(url, content=b"{", headers=auth).json()["error"]
+        assert err["type"] == "invalid_request_error"
+    finally:
+        r.stop()
+
+
+def test_unknown_routes_and_wrong_methods_answer_in_openai_shape(router):
+    r = httpx.post(router.url + "/v1/nothing-here", json=CHAT)
+    assert r.status_code == 404
+    assert r.json() == {"error": {"message": "no route POST /v1/nothing-here",
+                                  "type": "not_found_error", "param": None,
+                                  "code": "unknown_route"}}
+    r = httpx.get(router.url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    err = r.json()["error"]
+    assert set(r.json()) == {"error"} and set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["message"] == "Method Not Allowed"
+    r = httpx.delete(router.url + "/edgegen/v1/endpoints")
+    assert r.status_code == 405 and "detail" not in r.json() and r.json()["error"]["message"]
+
+
+def refused_counts(router) -> dict[str, float]:
+    text = httpx.get(router.url + "/metrics").text
+    prefix = 'edgegen_router_requests_total{outcome="'
+    return {line[len(prefix):].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(prefix) and 'tier="none"' in line}
+
+
+def test_requests_the_router_refuses_are_counted(fleet):
+    r = start_router(fleet, api_keys=frozenset({"sk-1"}))
+    try:
+        url = r.url + "/v1/chat/completions"
+        auth = {"authorization": "Bearer sk-1"}
+        assert refused_counts(r) == {}
+        assert httpx.post(url, json=CHAT).status_code == 401
+        assert httpx.post(url, json=CHAT, headers={"authorization": "Bearer no"}) \
+            .status_code == 401
+        assert httpx.post(url, json={**CHAT, "model": "gpt-9"}, headers=auth).status_code == 404
+        assert httpx.post(url, content=b"{", headers=auth).status_code == 400
+        assert httpx.post(url, json={"messages": []}, headers=auth).status_code == 400
+        assert httpx.post(url, json=CHAT, headers={**auth, "x-edgegen-location": "x"}) \
+            .status_code == 400
+        r.source.set([])
+        assert httpx.post(url, json=CHAT, headers=auth).status_code == 503
+        # the router's own pages are not API requests: not counted
+        assert httpx.get(r.url + "/v1/models").status_code == 401
+        assert httpx.get(r.url + "/edgegen/v1/route", params={"model": "x"},
+                         headers=auth).status_code == 404
+        assert refused_counts(r) == {"unauthorized": 2, "unknown_model": 1, "bad_request": 3,
+                                     "no_endpoint": 1}
+    finally:
+        r.stop()
 
 
 def test_models_is_the_union_of_healthy_endpoints(fleet, upstreams):
@@ -92,7 +148,7 @@ def test_health_readiness_and_metrics(router, fleet):
                  'edgegen_router_endpoints{state="healthy",tier="edge"} 3.0',
                  'edgegen_router_endpoints{state="healthy",tier="central"} 1.0'):
         assert name in text, name
-    fleet.clear()
+    router.source.set([])
     r = httpx.get(router.url + "/readyz")
     assert r.status_code == 503 and r.json()["endpoints"] == 0
 
@@ -135,35 +191,5 @@ def test_traefik_config_for_a_fleet(fleet):
         assert r["service"] in services and r["middlewares"] == ["edgegen-retry"]
 
 
-def test_cli_help_and_a_bad_api_key_file(tmp_path):
-    runner = CliRunner()
-    result = runner.invoke(cli_app, ["router", "--help"])
-    assert result.exit_code == 0 and "--consul" in result.output
-    assert "traefik-config" in result.output
-    empty = tmp_path / "keys"
-    empty.write_text("# no keys yet\n")
-    r = subprocess.run([sys.executable, "-m", "cli.main", "router", "--api-keys", str(empty),
-                        "--port", str(free_port())], cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 1 and "holds no key" in r.stderr
 
 
-def test_traefik_config_command_reads_the_registry(tmp_path):
-    from tests.cloud_router.registry_support import start_registry
-
-    registry, consul = start_registry(tmp_path)
-    try:
-        edge = {"ID": "edgegen-edge-a-9001", "Name": "edgegen-edge", "Address": "127.0.0.1",
-                "Port": 9001, "Meta": {"node": "a", "region": "eu-west", "tier": "edge",
-                                       "model": "tiny"}}
-        assert httpx.put(consul + "/v1/agent/service/register", json=edge).status_code == 200
-        out = tmp_path / "traefik.yaml"
-        r = subprocess.run([sys.executable, "-m", "cli.main", "router", "traefik-config",
-                            "--consul", consul, "-o", str(out)], cwd=REPO, capture_output=True,
-                           text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-        cfg = yaml.safe_load(out.read_text())["http"]
-        servers = cfg["services"]["edgegen-edge-eu-west"]["loadBalancer"]["servers"]
-        assert servers == [{"url": "http://127.0.0.1:9001"}]
-    finally:
-        registry.stop()

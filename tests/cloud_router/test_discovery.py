@@ -109,6 +109,32 @@ def test_watcher_resets_a_backwards_index_with_a_fake_consul():
     assert w.stale and [e.id for e in w.endpoints] == ["edgegen-edge-n1-8000"]
 
 
+def test_generation_moves_only_when_the_endpoints_change():
+    """The router's table rebuilds its fleet when a watcher's generation moves."""
+    moved = {**CONSUL_ENTRY, "Service": {**CONSUL_ENTRY["Service"], "Port": 8001}}
+    answers = iter([(1, [CONSUL_ENTRY]), (2, [CONSUL_ENTRY]), (3, [moved]), (4, [moved])])
+    generations = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        generations.append(w.generation)
+        index, body = next(answers, (None, None))
+        if index is None:
+            return httpx.Response(500, text="done")
+        return httpx.Response(200, json=body, headers={"X-Consul-Index": str(index)})
+
+    async def scenario():
+        async with running(w):
+            await until(lambda: len(generations) >= 6)
+
+    w = ServiceWatcher("http://consul.test", "edgegen-edge", rate_interval=0.01,
+                       max_backoff=0.01, transport=httpx.MockTransport(handler))
+    assert w.generation == 0
+    asyncio.run(scenario())
+    # before each read: nothing yet, first table, same table, port changed, same, outage
+    assert generations[:6] == [0, 1, 1, 2, 2, 2]
+    assert w.stale and w.endpoints[0].port == 8001
+
+
 def register(url: str, sid: str, status: str = "passing", **meta) -> None:
     r = httpx.put(f"{url}/v1/agent/service/register", json={
         "Name": "edgegen-edge", "ID": sid, "Address": "127.0.0.1", "Port": 8000,

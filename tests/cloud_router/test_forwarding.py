@@ -1,14 +1,21 @@
-"""Forwarding over real sockets: the router (uvicorn) in front of small FastAPI upstreams."""
+"""Forwarding: the forwarder's outcomes over a mock transport, then the router (uvicorn) over
+real sockets in front of small FastAPI upstreams."""
 
+import asyncio
 import json
+import random
 import time
 
 import httpx
 
 from cloud_router.endpoints import Endpoint
+from cloud_router.forwarding import ForwardConfig, Forwarded, Forwarder, Refused
+from cloud_router.metrics import RouterMetrics
+from cloud_router.policy import RequestHints
 from cloud_router.stats import RetryBudget
+from cloud_router.table import EndpointTable
 from tests.cloud_router.router_support import (  # noqa: F401 (fixtures)
-    fleet, router, start_router, upstreams)
+    EndpointList, fleet, router, start_router, upstreams)
 from tests.support.procs import free_port
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
@@ -30,6 +37,97 @@ def metric(router, name: str) -> float:
     text = httpx.get(router.url + "/metrics").text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name))
+
+
+def mock_edge(node: str) -> Endpoint:
+    return Endpoint(id=f"edgegen-edge-{node}-8000", service="edgegen-edge", node=node,
+                    address=f"{node}.test", port=8000, model="tiny")
+
+
+def forward_with(handler, endpoints, consume=None):
+    """Runs one ``forward`` over ``httpx.MockTransport(handler)``: (outcome, metrics, what
+    ``consume(outcome)`` returned)."""
+    async def scenario():
+        table = EndpointTable([EndpointList(endpoints)], rng=random.Random(0))
+        metrics = RouterMetrics(table.rows)
+        forwarder = Forwarder(table, metrics, ForwardConfig(),
+                              transport=httpx.MockTransport(handler))
+        try:
+            outcome = await forwarder.forward(
+                "/v1/chat/completions", b'{"model": "tiny"}',
+                {"content-type": "application/json", "authorization": "Bearer sk"},
+                RequestHints(model="tiny"))
+            return outcome, metrics, consume and await consume(outcome)
+        finally:
+            await forwarder.aclose()
+
+    return asyncio.run(scenario())
+
+
+def reply(status: int, body: bytes, headers: dict | None = None) -> httpx.Response:
+    """An upstream answer still to be read, as the real transport gives it."""
+    return httpx.Response(status, headers=headers, stream=httpx.ByteStream(body))
+
+
+def count(metrics: RouterMetrics, tier: str, outcome: str) -> float:
+    return metrics.registry.get_sample_value(
+        "edgegen_router_requests_total", {"tier": tier, "outcome": outcome}) or 0.0
+
+
+def test_the_forwarder_returns_outcomes_not_http_responses():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "a.test":
+            return reply(503, b'{"error": "busy"}')
+        return reply(200, b'{"ok": true}', {"x-upstream": "1"})
+
+    outcome, metrics, _ = forward_with(handler, [mock_edge("a"), mock_edge("b")])
+    assert isinstance(outcome, Forwarded) and outcome.stream is None
+    assert (outcome.endpoint.node, outcome.status) == ("b", 200)
+    assert json.loads(outcome.body) == {"ok": True} and outcome.headers["x-upstream"] == "1"
+    assert outcome.route == "nearest:ewma=unmeasured"
+    assert "authorization" not in seen[0].headers   # only the listed headers go upstream
+    assert count(metrics, "edge", "ok") == 1
+
+    outcome, metrics, _ = forward_with(handler, [])
+    assert outcome == Refused("no healthy endpoint serves model 'tiny' right now", 2)
+    assert count(metrics, "none", "no_endpoint") == 1
+
+    def down(request):
+        raise httpx.ConnectError("refused", request=request)
+
+    outcome, metrics, _ = forward_with(down, [mock_edge("a"), mock_edge("b")])
+    assert isinstance(outcome, Refused) and outcome.retry_after_s == 2
+    assert outcome.message.startswith("every endpoint tried failed; last: ")
+    assert count(metrics, "edge", "upstream_error") == 1
+
+
+def test_the_last_upstream_error_is_forwarded_when_every_try_fails():
+    def handler(request):
+        return reply(500, request.url.host.encode())
+
+    outcome, metrics, _ = forward_with(handler, [mock_edge("a"), mock_edge("b")])
+    assert isinstance(outcome, Forwarded) and outcome.status == 500
+    assert outcome.body == outcome.endpoint.address.encode()
+    assert count(metrics, "edge", "upstream_error") == 1
+
+
+def test_a_forwarded_stream_yields_whole_events_and_counts_when_closed():
+    def handler(request):
+        return reply(200, b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n",
+                     {"content-type": "text/event-stream"})
+
+    async def consume(outcome):
+        events = [e async for e in outcome.stream.events()]
+        await outcome.stream.close(delivered=True)
+        return events
+
+    outcome, metrics, events = forward_with(handler, [mock_edge("a")], consume)
+    assert outcome.status == 200 and outcome.body == b""
+    assert b"".join(events) == b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n"
+    assert count(metrics, "edge", "ok") == 1
 
 
 def test_nearest_region_serves_and_headers_say_why(router, upstreams):
@@ -105,12 +203,12 @@ def test_fallback_to_central_then_503_with_retry_after(fleet, upstreams):
         assert r.headers["x-edgegen-tier"] == "central"
         assert r.headers["x-edgegen-route"] == "fallback:central:no-edge"
         assert metric(router, "edgegen_router_fallbacks_total") == 1
-        fleet[:] = [dead_endpoint(), dead_endpoint(node="dead2")]
+        router.source.set([dead_endpoint(), dead_endpoint(node="dead2")])
         r = post(router)
         assert r.status_code == 503 and r.headers["retry-after"] == "2"
         assert r.json()["error"]["code"] == "no_endpoint"
         assert "every endpoint tried failed" in r.json()["error"]["message"]
-        fleet[:] = []
+        router.source.set([])
         r = post(router)  # nothing serves the model any more: unavailable, not unknown
         assert r.status_code == 503 and r.headers["retry-after"] == "2"
         assert "no healthy endpoint serves model 'tiny'" in r.json()["error"]["message"]
@@ -173,14 +271,10 @@ def test_client_disconnect_cancels_the_upstream_stream(router, upstreams):
     assert all(row["inflight"] == 0 for row in rows)
 
 
-def test_upstream_4xx_is_passed_through_without_retry(router, upstreams):
-    router.app.state.table.sources.append(
-        lambda: [Endpoint(id="edgegen-edge-odd-1", service="edgegen-edge", node="odd",
-                          address="127.0.0.1", port=upstreams["us"].server.port,
-                          model="other", region="xx")])
-    try:
-        r = post(router, body={**CHAT, "model": "other"})
-        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-        assert upstreams["us"].hits == 1
-    finally:
-        router.app.state.table.sources.pop()
+def test_upstream_4xx_is_passed_through_without_retry(router, fleet, upstreams):
+    router.source.set([*fleet, Endpoint(
+        id="edgegen-edge-odd-1", service="edgegen-edge", node="odd", address="127.0.0.1",
+        port=upstreams["us"].server.port, model="other", region="xx")])
+    r = post(router, body={**CHAT, "model": "other"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert upstreams["us"].hits == 1

@@ -148,15 +148,18 @@ def test_ejection_after_consecutive_failures_then_a_single_probe_decides():
     d = choose(stats=stats_busy_london, now=12.5, region="eu-west", zone="eu-west-1a")
     assert d.endpoint is PARIS and d.probe
     book.started(PARIS.id, probe=True)
+    snap = book.snapshot()
     assert snap[PARIS.id].state(13) == "probing"
     assert choose(stats=snap, now=13, zone="eu-west-1a", region="eu-west").endpoint is LONDON
     # the probe fails: ejected again, for twice as long
     assert book.failed(PARIS.id, 14, tier)
+    snap = book.snapshot()
     assert snap[PARIS.id].ejected_until == 14 + 20
     assert snap[PARIS.id].state(33) == "ejected" and snap[PARIS.id].state(34) == "probe-due"
     # a probe that succeeds brings it back at once
     book.started(PARIS.id, probe=True)
     book.succeeded(PARIS.id, 8.0)
+    snap = book.snapshot()
     assert snap[PARIS.id].state(35) == "healthy" and snap[PARIS.id].ejections == 2
     assert choose(stats=snap, now=35, zone="eu-west-1a", region="eu-west").endpoint is PARIS
 
@@ -170,6 +173,23 @@ def test_ejections_never_exceed_the_configured_share_of_the_tier():
     assert book.snapshot()[NYC.id].state(1) == "healthy"
     single = StatsBook(EjectionConfig(consecutive_failures=1, max_ejection_share=0.1))
     assert single.failed(CENTRAL.id, 0, [CENTRAL.id])  # at least one may always be ejected
+
+
+def test_a_stats_snapshot_is_an_immutable_copy():
+    book = StatsBook(EjectionConfig(consecutive_failures=1))
+    book.started("a")
+    snap = book.snapshot()
+    book.started("a")
+    book.failed("a", 0, ["a"])
+    book.started("b")
+    assert snap["a"] == EndpointStats(inflight=1, requests=1) and "b" not in snap
+    assert book.snapshot()["a"].inflight == 2 and book.snapshot()["a"].ejected_until == 5.0
+    with pytest.raises(TypeError):
+        snap["b"] = EndpointStats()  # the mapping is read-only
+    with pytest.raises(AttributeError):
+        snap["a"].inflight = 0  # and so are its values
+    book.forget_except(set())
+    assert "a" in snap and set(book.snapshot()) == {"a", "b"}  # still in flight: kept
 
 
 def test_ewma_smooths_observed_latency():

@@ -297,19 +297,39 @@ def test_agent_service_supports_hash_blocking(registry):
     r = httpx.get(f"{registry}/v1/agent/service/{name}")
     digest = r.headers["X-Consul-ContentHash"]
     assert r.json()["ContentHash"] == digest
+    # Nothing changes: the query holds for the whole `wait`, then answers the same hash.
     t0 = time.monotonic()
     same = httpx.get(f"{registry}/v1/agent/service/{name}", params={"hash": digest, "wait": "1s"},
                      timeout=10)
-    assert time.monotonic() - t0 >= 0.9 or same.headers["X-Consul-ContentHash"] == digest
+    elapsed = time.monotonic() - t0
+    assert same.status_code == 200
+    assert same.headers["X-Consul-ContentHash"] == digest
+    assert 0.95 <= elapsed < 3.0, f"answered after {elapsed:.2f} s of a 1 s wait"
     assert httpx.get(f"{registry}/v1/agent/service/{name}-missing").status_code == 404
 
 
-def test_cli_help_names_the_options():
-    from typer.testing import CliRunner
+def test_a_change_to_the_service_wakes_its_hash_blocking_query(registry):
+    name = unique()
+    httpx.put(f"{registry}/v1/agent/service/register", json={"Name": name, "ID": name, "Port": 1})
+    digest = httpx.get(f"{registry}/v1/agent/service/{name}").headers["X-Consul-ContentHash"]
 
-    from cli.main import app
+    async def scenario():
+        async with httpx.AsyncClient(base_url=registry, timeout=30) as c:
+            waiter = asyncio.create_task(c.get(f"/v1/agent/service/{name}",
+                                               params={"hash": digest, "wait": "20s"}))
+            await asyncio.sleep(0.5)
+            assert not waiter.done(), "a query with the current hash must wait"
+            r = await c.put("/v1/agent/service/register",
+                            json={"Name": name, "ID": name, "Port": 2})
+            changed_at = time.monotonic()
+            assert r.status_code == 200
+            woke = await asyncio.wait_for(waiter, 10)
+            return woke, time.monotonic() - changed_at
 
-    result = CliRunner().invoke(app, ["registry", "--help"])
-    assert result.exit_code == 0
-    for option in ("--port", "--host", "--data-dir"):
-        assert option in result.output
+    woke, latency = asyncio.run(scenario())
+    assert woke.status_code == 200 and woke.json()["Port"] == 2
+    new_digest = woke.headers["X-Consul-ContentHash"]
+    assert new_digest != digest and woke.json()["ContentHash"] == new_digest
+    assert latency < 1.0, f"woke {latency * 1000:.0f} ms after the change"
+
+

@@ -27,7 +27,8 @@ def _check(bundle, tmp_path):
             "model": bundle.name, "max_tokens": 8,
             "messages": [{"role": "user", "content": "Hello"}]})
         assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["message"]["content"] is not None
+        answer = r.json()["choices"][0]["message"]["content"]
+        assert isinstance(answer, str) and answer != "", r.text
         assert r.headers["x-edgegen-node"].startswith("edge-")
         st = subprocess.run([sys.executable, "-m", "cli.main", "status", "--target", "local",
                              "--consul", f"http://127.0.0.1:{registry}"], cwd=REPO,
@@ -38,8 +39,9 @@ def _check(bundle, tmp_path):
             assert node in st.stdout
         assert bundle.digest12 in st.stdout
     finally:
-        assert proc.stop(timeout=60) is not None
-        log = proc.log_path.read_text(errors="replace")
+        exit_code = proc.stop(timeout=60)   # SIGTERM: the fleet stops as on Ctrl-C
+    log = proc.log_path.read_text(errors="replace")
+    assert exit_code == 0, f"deploy exited with {exit_code}:\n{log[-3000:]}"
     assert "stopping" in log
 
 

@@ -25,6 +25,8 @@ def test_up_demo_answers_over_rest_and_mqtt(tiny_genai_bundle, tmp_path):
     # Both questions are greedy on the same bundle: the same answer, whichever agent gave it.
     assert rest[0].split(":", 1)[1].strip() == mqtt[0].split(":", 1)[1].strip()
     assert f"edgegen mqtt chat --broker mqtt://127.0.0.1:{ports[2]}" in out
+    # The fleet stops after the demo: no "try it" commands for it.
+    assert "try it" not in out and "curl" not in out and "edgegen status" not in out
 
 
 def test_up_without_a_bundle_says_how_to_export_one(tmp_path):

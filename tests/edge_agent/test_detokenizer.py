@@ -1,4 +1,9 @@
-"""Incremental decoding never emits broken UTF-8 and never emits a stop string."""
+"""Incremental decoding never emits broken UTF-8 and never emits a stop string.
+
+The tokenizer is the small byte-level BPE of ``bpe_tokenizer`` (tests/conftest.py): trained on
+English only, so accented letters, CJK and emoji fall apart into single bytes, the case a
+detokenizer must get right.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,16 @@ TEXT = "Héllo wörld! 日本語のテキスト 🎉🚀 done.\nNew line; naïve
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_genai_bundle) -> Tokenizer:
-    return Tokenizer.from_file(str(tiny_genai_bundle.file("tokenizer.json")))
+def tok(bpe_tokenizer) -> Tokenizer:
+    return bpe_tokenizer
+
+
+@pytest.mark.parametrize("char", ["é", "日", "🎉"])
+def test_the_tokenizer_splits_multibyte_characters_across_tokens(tok, char):
+    """The premise of the tests below."""
+    ids = tok.encode(char, add_special_tokens=False).ids
+    assert len(ids) == len(char.encode())
+    assert all("\ufffd" in tok.decode([i]) for i in ids)
 
 
 def test_incremental_text_equals_full_decode_and_is_valid_utf8(tok):

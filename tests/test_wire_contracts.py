@@ -1,0 +1,95 @@
+"""One wire fact, one answer: where the package rules forbid sharing code (the agent and the
+router never import each other), these tests pin the copies together, so they cannot drift.
+
+- The OpenAI error body: the same type for every status, from the agent's REST and MQTT
+  faces and from the router.
+- Consul: the service names and Meta keys the agent registers are the ones the router's
+  discovery (and so ``edgegen status``) reads back, value for value, latitude and longitude
+  included.
+- One Earth radius and one lat/lon parser on the router's side (the registry uses the
+  router's geo).
+- The precision and task lists: the bundle format's are the exporters' and the CLI's.
+"""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from cloud_router import geo
+from cloud_router import protocol as router_protocol
+from cloud_router.discovery import endpoints_from_health
+from cloud_router.endpoints import CENTRAL_SERVICE, EDGE_SERVICE, META_KEYS
+from cloud_router.registry import coordinates
+from edge_agent.mqtt.contract import error_payload
+from edge_agent.registration import registration_payload
+from edge_agent.serving import protocol as agent_protocol
+from edge_agent.settings import AgentSettings
+from manifests.local_status import agent_rows
+
+STATUSES = (400, 401, 403, 404, 413, 429, 500, 503)
+
+
+def test_error_types_agree_between_agent_mqtt_and_router():
+    assert agent_protocol.ERROR_TYPES == router_protocol.ERROR_TYPES
+    assert set(STATUSES) <= set(agent_protocol.ERROR_TYPES)
+    for status in STATUSES:
+        agent = agent_protocol.error(status, "m", param="p", code="c").body
+        router = router_protocol.error_body(status, "m", param="p", code="c")
+        mqtt = error_payload(status, "m", "c", param="p")
+        assert agent == router == mqtt, status
+        assert set(agent["error"]) == {"message", "type", "param", "code"}
+
+
+def _bundle(name="smollm2-135m-instruct", digest12="0123456789ab"):
+    return SimpleNamespace(name=name, digest12=digest12)
+
+
+@pytest.mark.parametrize("tier, lat, lon", [
+    ("edge", 48.8566, 2.3522), ("central", -33.8688, 151.2093), ("edge", None, None),
+    ("edge", 0.1 + 0.2, -179.99999999999997)])
+def test_what_registration_writes_discovery_and_status_read_back(tier, lat, lon):
+    settings = AgentSettings(bundle="/b", node="edge-7", region="eu-west", zone="eu-west-1b",
+                             lat=lat, lon=lon, tier=tier, port=8123, advertise_host="127.0.0.9",
+                             max_concurrency=6, mqtt="mqtt://user:secret@broker.local:1883")
+    payload = registration_payload(settings, _bundle())
+    assert payload["name"] == (CENTRAL_SERVICE if tier == "central" else EDGE_SERVICE)
+    assert tuple(payload["meta"]) == META_KEYS
+    assert all(isinstance(v, str) for v in payload["meta"].values())  # Consul's Meta rule
+    entry = {"Node": {"Node": "consul-node", "Address": "10.0.0.1"},
+             "Service": {"ID": payload["service_id"], "Service": payload["name"],
+                         "Address": payload["address"], "Port": payload["port"],
+                         "Tags": payload["tags"], "Meta": payload["meta"]},
+             "Checks": [{"Status": "passing"}]}
+    (ep,) = endpoints_from_health([entry])
+    assert (ep.id, ep.service, ep.node, ep.tier) == (payload["service_id"], payload["name"],
+                                                     "edge-7", tier)
+    assert (ep.address, ep.port, ep.region, ep.zone) == ("127.0.0.9", 8123, "eu-west",
+                                                         "eu-west-1b")
+    assert (ep.lat, ep.lon) == (lat, lon)  # repr(float) written, float read: exact
+    assert (ep.model, ep.digest, ep.max_concurrency) == ("smollm2-135m-instruct",
+                                                         "0123456789ab", 6)
+    assert ep.mqtt == "mqtt://broker.local:1883"  # credentials never reach Consul
+    (row,) = agent_rows([entry])
+    assert (row.node, row.tier, row.address, row.ready) == ("edge-7", tier, "127.0.0.9:8123",
+                                                             True)
+    assert row.bundle.startswith("smollm2-135m-instruct 0123456789ab")
+    assert coordinates.location_of(payload["meta"]) == (None if lat is None else (lat, lon))
+
+
+def test_one_earth_radius_and_one_lat_lon_parser():
+    assert coordinates.EARTH_RADIUS_KM is geo.EARTH_RADIUS_KM
+    assert coordinates.latitude is geo.latitude and coordinates.longitude is geo.longitude
+    radii = [p for p in Path(geo.__file__).parent.rglob("*.py")
+             if "EARTH_RADIUS_KM =" in p.read_text()]
+    assert radii == [Path(geo.__file__)]
+
+
+def test_precision_and_task_lists_have_one_source():
+    from cli import export as cli_export
+    from edge_agent.bundle import PRECISIONS, TASKS
+    from exporters import pipeline
+
+    assert pipeline.PRECISIONS is PRECISIONS and pipeline.TASKS is TASKS
+    assert tuple(p.value for p in cli_export.Precision) == PRECISIONS
+    assert tuple(t.value for t in cli_export.Task) == TASKS
