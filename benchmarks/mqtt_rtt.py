@@ -28,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge_agent.mqtt.device_client import MqttChatClient  # noqa: E402
-from edge_agent.mqtt.contract import answer_text  # noqa: E402
+from edge_agent.mqtt.contract import AGENT_USER, answer_text  # noqa: E402
 from tests.support.mosquitto import Mosquitto  # noqa: E402
 from tests.support.procs import EdgegenProcess, free_port, wait_http  # noqa: E402
 
@@ -61,7 +61,9 @@ def mqtt_round(device: MqttChatClient, node: str, body: dict) -> tuple[float, fl
 def start_agent(bundle: str, tmp: Path, node: str, broker: Mosquitto, *extra: str):
     port = free_port()
     proc = EdgegenProcess(["agent", "--bundle", bundle, "--node", node, "--port", str(port),
-                           "--threads", "2", "--mqtt", broker.url, *extra], tmp, node)
+                           "--threads", "2", "--mqtt", broker.url, "--mqtt-username",
+                           AGENT_USER, *extra], tmp, node,
+                          env={"EDGEGEN_MQTT_PASSWORD": broker.creds.agent_password()})
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/readyz", timeout=180, proc=proc.proc)
     deadline = time.monotonic() + 60
@@ -94,7 +96,7 @@ def main() -> None:
     print(f"bundle: {bundle}\nprompt: {body['messages'][0]['content']!r}, "
           f"max_tokens {args.max_tokens}, {args.rounds} rounds (after {args.warmup} warm-up)")
 
-    broker = Mosquitto(tmp / "mosquitto").start()
+    broker = Mosquitto(tmp / "mosquitto", locked=True).start()   # as edgegen ships it
     procs = []
     try:
         for label, extra in (("default coalescing (50 ms / 8 tokens)", ()),
@@ -105,7 +107,7 @@ def main() -> None:
             procs.append(proc)
             first = {"rest": [], "mqtt": []}
             total = {"rest": [], "mqtt": []}
-            with httpx.Client(timeout=120) as http, MqttChatClient(broker.url) as device:
+            with httpx.Client(timeout=120) as http, MqttChatClient(broker.url, **broker.device_login()) as device:
                 for i in range(args.warmup + args.rounds):
                     order = ("rest", "mqtt") if i % 2 == 0 else ("mqtt", "rest")
                     for kind in order:

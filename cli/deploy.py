@@ -12,8 +12,13 @@ from rich.table import Table
 console = Console()
 
 
+# Devices log in to the edge brokers unless this opt-in says otherwise (README: Devices: MQTT).
+MQTT_ANONYMOUS_HELP = ("Let devices connect to the MQTT broker without a password (the topic "
+                       "ACL still applies). Off by default.")
+
+
 def config_options(bundle, bundle_url, target, namespace, nodes, max_unavailable, image,
-                   consul_address, central=True, mqtt=True):
+                   consul_address, central=True, mqtt=True, mqtt_anonymous=False):
     """Build the DeployConfig the flags describe (shared with `edgegen manifests render`)."""
     from manifests.bundle_ref import bundle_ref
     from manifests.render import DEFAULT_IMAGE, DeployConfig, check_config, parse_selector
@@ -27,6 +32,7 @@ def config_options(bundle, bundle_url, target, namespace, nodes, max_unavailable
         consul_address=consul_address,
         central=central,
         mqtt=mqtt,
+        mqtt_anonymous=mqtt_anonymous,
     )
     check_config(cfg)
     return cfg
@@ -81,6 +87,7 @@ def deploy(
     central: bool = typer.Option(True, "--central/--no-central",
                                  help="Also deploy the central GPU tier."),
     mqtt: bool = typer.Option(True, "--mqtt/--no-mqtt", help="A Mosquitto broker per edge node."),
+    mqtt_anonymous: bool = typer.Option(False, "--mqtt-anonymous", help=MQTT_ANONYMOUS_HELP),
     force_conflicts: bool = typer.Option(False, "--force-conflicts",
                                          help="Take over fields other managers own."),
     cluster: Path = typer.Option(None, "--cluster",
@@ -97,7 +104,8 @@ def deploy(
     if target not in ("k3s", "local"):
         raise typer.BadParameter("--target must be k3s or local")
     cfg = config_options(bundle, bundle_url, target, namespace, nodes, max_unavailable,
-                         image, consul_address, central, mqtt and target == "k3s")
+                         image, consul_address, central, mqtt and target == "k3s",
+                         mqtt_anonymous)
     if dry_run:
         typer.echo(to_yaml(render(cfg)), nl=False)
         return
@@ -106,7 +114,8 @@ def deploy(
 
         run_fleet(FleetOptions(cluster=cluster, bundle=bundle, router_port=router_port,
                                registry_port=registry_port, mqtt_port=mqtt_port,
-                               deploy_config=cfg), console=console)
+                               mqtt_anonymous=mqtt_anonymous, deploy_config=cfg),
+                  console=console)
         return
     from manifests.deploy import deploy as do_deploy
     from manifests.kube import KubeClient
@@ -143,12 +152,21 @@ def status(
     namespace: str = typer.Option("edgegen", "--namespace", "-n"),
     consul: str = typer.Option("http://127.0.0.1:8500", "--consul",
                                help="local: the registry (Consul API) to ask."),
+    consul_token: str = typer.Option(
+        None, "--consul-token", envvar="CONSUL_HTTP_TOKEN", show_envvar=False,
+        help="local: Consul ACL token to read with (default $CONSUL_HTTP_TOKEN; a literal "
+             "here is visible in `ps`)."),
+    consul_token_file: Path = typer.Option(
+        None, "--consul-token-file", envvar="CONSUL_HTTP_TOKEN_FILE", show_envvar=False,
+        dir_okay=False, help="local: file holding the Consul ACL token (default "
+        "$CONSUL_HTTP_TOKEN_FILE); it wins over --consul-token."),
 ) -> None:
     """Every node: its tier, bundle digest and readiness."""
     if target == "local":
+        from cloud_router.credentials import consul_token as read_token
         from manifests.local_status import registry_status
 
-        rows = registry_status(consul)
+        rows = registry_status(consul, token=read_token(consul_token, consul_token_file))
     elif target == "k3s":
         from manifests.deploy import cluster_status
         from manifests.kube import KubeClient

@@ -66,6 +66,9 @@ def export(
                                 "(default: all cores).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON instead "
                                  "of a table."),
+    sign_key: Path = typer.Option(None, "--sign-key", help="Sign the bundle as it is written "
+                                  "with this Ed25519 private key (`edgegen bundle keygen`).",
+                                  show_default=False),
 ) -> None:
     """Export a model to a validated, quantized ONNX bundle in the store.
 
@@ -97,7 +100,7 @@ def export(
                 task=task.value if task else None, store=out, context_length=context_length,
                 device=device.value, exporter=exporter.value if exporter else None, trt=trt,
                 max_ppl_increase_pct=max_ppl_increase, force=force, threads=threads,
-                progress=step,
+                progress=step, sign_key=sign_key,
             )
         finally:
             for tid in current:

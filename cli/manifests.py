@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cli.deploy import config_options
+from cli.deploy import MQTT_ANONYMOUS_HELP, config_options
 
 manifests_app = typer.Typer(help="Render the K3s manifests edgegen deploys.",
                             no_args_is_help=True)
@@ -28,12 +28,14 @@ def render_cmd(
     central: bool = typer.Option(True, "--central/--no-central",
                                  help="Render the central GPU Deployment."),
     mqtt: bool = typer.Option(True, "--mqtt/--no-mqtt", help="Render a broker per edge node."),
+    mqtt_anonymous: bool = typer.Option(False, "--mqtt-anonymous", help=MQTT_ANONYMOUS_HELP),
 ) -> None:
     """Write one YAML file per object plus kustomization.yaml."""
     from manifests.render import render, write_manifests
 
     cfg = config_options(bundle, bundle_url, "k3s" if bundle_url else "local", namespace, nodes,
-                         max_unavailable, image, consul_address, central, mqtt)
+                         max_unavailable, image, consul_address, central, mqtt,
+                         mqtt_anonymous)
     paths = write_manifests(render(cfg), out)
     typer.echo(f"wrote {len(paths)} files to {out}")
 

@@ -18,6 +18,11 @@ def registry(
         60.0, "--min-deregister-after", hidden=True,
         help="Floor (seconds) for DeregisterCriticalServiceAfter; Consul's is one minute.",
     ),
+    acl_file: Path = typer.Option(
+        None, "--acl-file", envvar="EDGEGEN_REGISTRY_ACL_FILE", dir_okay=False,
+        help="Turn Consul's ACLs on: tokens and their rules (YAML or JSON, see the README). "
+             "Without it, anyone who reaches the registry may register and deregister.",
+    ),
 ) -> None:
     """Run a service registry that speaks Consul's HTTP API (the part edgegen uses).
 
@@ -26,7 +31,8 @@ def registry(
     from cloud_router.registry.http import serve
 
     serve(host, port, str(data_dir) if data_dir else None,
-          min_deregister_after=min_deregister_after)
+          min_deregister_after=min_deregister_after,
+          acl_file=str(acl_file) if acl_file else None)
 
 
 def register(app: typer.Typer) -> None:

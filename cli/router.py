@@ -13,6 +13,12 @@ import typer
 router_app = typer.Typer(help="The cloud router: nearest healthy edge, retries, central "
                               "fallback.", invoke_without_command=True)
 
+# Consul's own names (CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE) for the token, as its CLI.
+CONSUL_TOKEN_HELP = ("Consul ACL token for every read (default $CONSUL_HTTP_TOKEN). A literal "
+                     "here is visible in `ps`: prefer --consul-token-file or the variable.")
+CONSUL_TOKEN_FILE_HELP = ("File holding the Consul ACL token (default $CONSUL_HTTP_TOKEN_FILE); "
+                          "it wins over --consul-token, as in Consul's CLI.")
+
 
 @router_app.callback()
 def router(
@@ -35,12 +41,30 @@ def router(
     max_ejection_share: float = typer.Option(0.5, "--max-ejection-share", min=0.0, max=1.0,
                                              help="Most of a tier outlier ejection may take "
                                                   "out of service."),
+    consul_token: str = typer.Option(None, "--consul-token", envvar="CONSUL_HTTP_TOKEN",
+                                     show_envvar=False, help=CONSUL_TOKEN_HELP),
+    consul_token_file: Path = typer.Option(None, "--consul-token-file",
+                                           envvar="CONSUL_HTTP_TOKEN_FILE", show_envvar=False,
+                                           dir_okay=False, help=CONSUL_TOKEN_FILE_HELP),
+    fleet_key_file: Path = typer.Option(
+        None, "--fleet-key-file", envvar="EDGEGEN_FLEET_KEY_FILE", dir_okay=False,
+        help="The fleet key the agents were given: route only to endpoints that prove they "
+             "hold it (GET /edgegen/v1/identity). Without it, every endpoint in Consul is "
+             "trusted. $EDGEGEN_FLEET_KEY may hold the key itself."),
+    fleet_key: str = typer.Option(None, "--fleet-key", envvar="EDGEGEN_FLEET_KEY",
+                                  hidden=True, help="The fleet key itself (visible in `ps`)."),
+    identity_recheck: float = typer.Option(30.0, "--identity-recheck", min=1.0,
+                                           help="Seconds between identity re-checks of a "
+                                                "verified endpoint (with a fleet key)."),
 ) -> None:
     """Serve the OpenAI API and forward each request to the best endpoint in Consul."""
     if ctx.invoked_subcommand is not None:
         return
     from cloud_router.auth import load_api_keys
+    from cloud_router.credentials import consul_token as read_token
+    from cloud_router.credentials import fleet_key as read_fleet_key
     from cloud_router.forwarding import ForwardConfig
+    from cloud_router.identity import IdentityConfig
     from cloud_router.policy import PolicyConfig
     from cloud_router.server import serve
     from cloud_router.settings import RouterSettings
@@ -51,7 +75,10 @@ def router(
         api_keys=load_api_keys(api_keys) if api_keys else frozenset(),
         policy=PolicyConfig(nearest_few=nearest_few),
         ejection=EjectionConfig(max_ejection_share=max_ejection_share),
-        forward=ForwardConfig(max_attempts=max_attempts), retry_budget_ratio=retry_budget))
+        forward=ForwardConfig(max_attempts=max_attempts), retry_budget_ratio=retry_budget,
+        consul_token=read_token(consul_token, consul_token_file),
+        fleet_key=read_fleet_key(fleet_key, fleet_key_file),
+        identity=IdentityConfig(recheck_s=identity_recheck)))
 
 
 @router_app.command("traefik-config")
@@ -60,13 +87,23 @@ def traefik_config(
                                help="Consul (or `edgegen registry`) HTTP address."),
     output: Path = typer.Option(None, "--output", "-o",
                                 help="Write the YAML here (default: standard output)."),
+    consul_token: str = typer.Option(None, "--consul-token", envvar="CONSUL_HTTP_TOKEN",
+                                     show_envvar=False, help=CONSUL_TOKEN_HELP),
+    consul_token_file: Path = typer.Option(None, "--consul-token-file",
+                                           envvar="CONSUL_HTTP_TOKEN_FILE", show_envvar=False,
+                                           dir_okay=False, help=CONSUL_TOKEN_FILE_HELP),
 ) -> None:
     """Write a Traefik dynamic configuration (YAML) for the endpoints in Consul now."""
     import asyncio
 
-    from cloud_router.traefik import endpoints_from_consul, traefik_yaml
+    from cloud_router.credentials import consul_token as read_token
+    from cloud_router.discovery import read_endpoints
+    from cloud_router.endpoints import CENTRAL_SERVICE, EDGE_SERVICE
+    from cloud_router.traefik import traefik_yaml
 
-    text = traefik_yaml(asyncio.run(endpoints_from_consul(consul)))
+    text = traefik_yaml(asyncio.run(read_endpoints(
+        consul, (EDGE_SERVICE, CENTRAL_SERVICE),
+        token=read_token(consul_token, consul_token_file))))
     if output:
         output.write_text(text)
     else:

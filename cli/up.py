@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from cli.deploy import MQTT_ANONYMOUS_HELP
+
 console = Console()
 
 
@@ -18,6 +20,7 @@ def up(
     router_port: int = typer.Option(8080, "--router-port"),
     registry_port: int = typer.Option(8500, "--registry-port"),
     mqtt_port: int = typer.Option(1883, "--mqtt-port"),
+    mqtt_anonymous: bool = typer.Option(False, "--mqtt-anonymous", help=MQTT_ANONYMOUS_HELP),
     demo: bool = typer.Option(False, "--demo", "--once", help="When ready, ask one question "
                               "through the router and one over MQTT, print both, exit."),
 ) -> None:
@@ -30,7 +33,8 @@ def up(
     if bundle is None:
         bundle = newest_bundle(default_store()).path
     run_fleet(FleetOptions(cluster=cluster, bundle=str(bundle), router_port=router_port,
-                           registry_port=registry_port, mqtt_port=mqtt_port),
+                           registry_port=registry_port, mqtt_port=mqtt_port,
+                           mqtt_anonymous=mqtt_anonymous),
               console=console, demo=demo)
 
 

@@ -4,7 +4,6 @@ choosing is the policy's job, sending the forwarder's, and their outcomes become
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import asynccontextmanager
 from typing import Callable, Sequence
@@ -22,6 +21,8 @@ from cloud_router.forwarding import Forwarded, Forwarder, Refused, UpstreamStrea
 from cloud_router.geo import parse_location
 from cloud_router.metrics import RouterMetrics
 from cloud_router.policy import RequestHints
+from cloud_router.limits import BadBody, BodyLimit, decode_json
+from cloud_router.openapi import openapi_schema
 from cloud_router.protocol import error_body, model_list
 from cloud_router.settings import RouterSettings
 from cloud_router.stats import RetryBudget
@@ -36,7 +37,8 @@ DROPPED_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "co
                             "date", "server", "x-edgegen-node", "x-edgegen-tier",
                             "x-edgegen-route"}
 # edgegen_router_requests_total{tier="none", outcome} of the requests refused here.
-REFUSED_OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "unknown_model"}
+REFUSED_OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "unknown_model",
+                    408: "body_timeout", 413: "too_large"}
 
 
 class ClientError(Exception):
@@ -126,12 +128,11 @@ def build_app(settings: RouterSettings, sources: Sequence[EndpointSource], *,
                               "model_not_found", "model")
 
     async def proxy(request: Request) -> Response:
-        body = await request.body()
+        body = await request.body()  # bounded by limits.BodyLimit
         try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ClientError(400, f"the request body is not valid JSON: {exc}",
-                              "invalid_json") from exc
+            payload = decode_json(body)
+        except BadBody as exc:
+            raise ClientError(400, str(exc), exc.code, exc.param) from None
         if not isinstance(payload, dict) or not isinstance(payload.get("model"), str) \
                 or not payload["model"]:
             raise ClientError(400, "the request body must be a JSON object with a 'model' "
@@ -189,6 +190,10 @@ def build_app(settings: RouterSettings, sources: Sequence[EndpointSource], *,
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.openapi = lambda: openapi_schema(app, FORWARDED_PATHS)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       on_refused=lambda status: metrics.requests.labels(
+                           "none", REFUSED_OUTCOMES[status]).inc())
     return app
 
 

@@ -8,6 +8,12 @@ so that a churning service degrades to polling instead of a busy loop. When Cons
 unreachable the table is kept and marked stale, never emptied, and the watcher backs off.
 
 ``endpoints_from_health`` is the pure mapping from Consul's health JSON to ``Endpoint``.
+
+With Consul's ACLs on, every read sends the router's token (``X-Consul-Token``). A token
+Consul does not know, or one that may not read, is a 403 whose text (Consul's own) is passed
+on in the RegistryError; a token that may read the services but not their nodes gets an
+empty or partial answer with ``X-Consul-Results-Filtered-By-ACLs: true``, which the watcher
+logs once, naming the rules a discovery token needs.
 """
 
 from __future__ import annotations
@@ -109,6 +115,19 @@ def with_rtt(endpoints: list[Endpoint], entries: list[dict], coordinates: list[d
     return out
 
 
+def consul_headers(token: str | None) -> dict[str, str]:
+    """The headers that carry a Consul ACL token (none for the anonymous token)."""
+    return {"X-Consul-Token": token} if token else {}
+
+
+def _acl_refusal(url: str, status: int, text: str, token: str | None) -> RegistryError:
+    who = "the token given" if token else "no token (Consul's anonymous token)"
+    return RegistryError(
+        f"{url}: HTTP {status}: Consul refused {who}: {text.strip()[:300]} -- give a token "
+        "that may read the edgegen services and their nodes (service_prefix \"edgegen-\" and "
+        "node_prefix \"\" read) with --consul-token-file or CONSUL_HTTP_TOKEN")
+
+
 def next_index(previous: int, returned: int) -> int:
     """Consul's client rules for the index of the next blocking query."""
     if returned < previous:
@@ -142,10 +161,14 @@ class TokenBucket:
 async def read_health(client: httpx.AsyncClient, consul_url: str, service: str, *,
                       passing: bool = True, index: int = 0, wait: str | None = None,
                       wait_s: float = 0.0, near: str | None = None,
-                      timeout: float = 10.0) -> tuple[int, list[dict]]:
+                      timeout: float = 10.0, token: str | None = None,
+                      acl_filtered: Callable[[bool], None] | None = None
+                      ) -> tuple[int, list[dict]]:
     """``GET /v1/health/service/<service>``: Consul's index and its raw entries (with their
     ``Checks``). A blocking query when ``index`` and ``wait`` are given. The one place the
-    router and ``edgegen status`` read Consul's health API; RegistryError when they cannot."""
+    router and ``edgegen status`` read Consul's health API; RegistryError when they cannot
+    (a 403 says what Consul said about the token). ``acl_filtered`` hears whether Consul
+    dropped entries the token may not read."""
     params = {"passing": "1"} if passing else {}
     if index > 0 and wait:
         params.update(index=str(index), wait=wait)
@@ -155,11 +178,15 @@ async def read_health(client: httpx.AsyncClient, consul_url: str, service: str, 
         timeout = wait_s * 17 / 16 + 5.0
     url = f"{consul_url.rstrip('/')}/v1/health/service/{service}"
     try:
-        r = await client.get(url, params=params, timeout=timeout)
+        r = await client.get(url, params=params, timeout=timeout, headers=consul_headers(token))
     except httpx.HTTPError as exc:
         raise RegistryError(f"{url}: {type(exc).__name__}: {exc}") from exc
+    if r.status_code in (401, 403):
+        raise _acl_refusal(url, r.status_code, r.text, token)
     if r.status_code != 200:
         raise RegistryError(f"{url}: HTTP {r.status_code}: {r.text[:200]}")
+    if acl_filtered is not None:
+        acl_filtered(r.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true")
     try:
         returned = int(r.headers["X-Consul-Index"])
         body = r.json()
@@ -181,9 +208,12 @@ class ServiceWatcher:
                  on_change: Callable[[list[Endpoint]], None] | None = None,
                  near: str | None = None, wait: str = "30s",
                  rate_interval: float = 1.0, max_backoff: float = 10.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 token: str | None = None):
         self.consul_url = consul_url.rstrip("/")
         self.service = service
+        self._token = token
+        self.acl_filtered = False     # Consul dropped entries the token may not read
         self.on_change = on_change
         self.near = near
         self.wait = wait
@@ -231,12 +261,22 @@ class ServiceWatcher:
         return await read_health(client, self.consul_url, self.service, passing=True,
                                  index=self.last_index if blocking else 0,
                                  wait=self.wait if blocking else None,
-                                 wait_s=self._wait_s, near=self.near)
+                                 wait_s=self._wait_s, near=self.near, token=self._token,
+                                 acl_filtered=self._note_filtered)
+
+    def _note_filtered(self, filtered: bool) -> None:
+        if filtered and not self.acl_filtered:
+            logger.warning(
+                "consul dropped entries this token may not read; discovery needs "
+                "service_prefix \"edgegen-\" and node_prefix \"\" read",
+                extra={"service": self.service})
+        self.acl_filtered = filtered
 
     async def _coordinates(self, client: httpx.AsyncClient) -> list[dict] | None:
         """Network coordinates for ``rtt_ms``; None (no RTT) when they cannot be read."""
         try:
-            r = await client.get(f"{self.consul_url}/v1/coordinate/nodes", timeout=10.0)
+            r = await client.get(f"{self.consul_url}/v1/coordinate/nodes", timeout=10.0,
+                                 headers=consul_headers(self._token))
             body = r.json() if r.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return None
@@ -296,3 +336,16 @@ class ServiceWatcher:
                 backoff = 0.0
                 coordinates = await self._coordinates(client) if self.near else None
                 self._apply(index, entries, coordinates)
+
+
+async def read_endpoints(consul_url: str, services: tuple[str, ...], *,
+                         token: str | None = None, passing: bool = True,
+                         timeout: float = 10.0) -> list[Endpoint]:
+    """One non-blocking read of ``services`` (RegistryError when Consul cannot be read)."""
+    out: list[Endpoint] = []
+    async with httpx.AsyncClient(trust_env=False) as client:
+        for name in services:
+            _index, entries = await read_health(client, consul_url, name, passing=passing,
+                                                timeout=timeout, token=token)
+            out.extend(endpoints_from_health(entries))
+    return out

@@ -4,7 +4,9 @@
     ├── RegistryError           the Consul (or embedded registry) API failed or answered badly
     ├── RegistryRequestError    the embedded registry refuses a client's request
     │   ├── InvalidRequest      a body or parameter Consul would answer with 400
-    │   └── NotFound            an unknown check or service ID (404)
+    │   ├── NotFound            an unknown check or service ID (404)
+    │   ├── AclNotFound         an unknown ACL token (403 "ACL not found")
+    │   └── PermissionDenied    the token lacks a permission (403, Consul's text)
     └── ConfigError             router configuration that cannot work (bad API-key file, ...)
 
 Per-request outcomes (no endpoint, upstream failed) are OpenAI-shaped error responses, not
@@ -40,3 +42,22 @@ class NotFound(RegistryRequestError):
 
 class ConfigError(RouterError):
     """The router's configuration cannot work."""
+
+
+class AclNotFound(RegistryRequestError):
+    """The request's token is not one the registry knows (Consul: 403 ``ACL not found``)."""
+
+    status_code = 403
+
+    def __init__(self):
+        super().__init__("ACL not found")
+
+
+class PermissionDenied(RegistryRequestError):
+    """The token lacks a permission; the message is Consul's PermissionDeniedError text."""
+
+    status_code = 403
+
+    def __init__(self, message: str, accessor: str, permission: str, resource: str):
+        super().__init__(message)
+        self.accessor, self.permission, self.resource = accessor, permission, resource

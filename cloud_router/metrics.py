@@ -15,6 +15,10 @@ place, the app for what it refuses before forwarding (the router's own pages and
     none           unauthorized    401: refused by the router, no valid API key
     none           unknown_model   404: refused by the router, no endpoint ever served it
     none           bad_request     400: refused by the router (not JSON, no model, bad hint)
+    none           too_large       413: a body over --max-body-bytes, refused unread
+    none           body_timeout    408: a body that did not arrive in time
+
+(413 and 408 are counted on every POST path, since the body is refused before routing.)
 """
 
 from __future__ import annotations

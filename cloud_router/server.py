@@ -1,4 +1,5 @@
-"""A router process: two discovery watchers (edge and central tiers) feeding the app."""
+"""A router process: two discovery watchers (edge and central tiers) feeding the app, and,
+with a fleet key, the identity verifier that admits only endpoints proving the key."""
 
 from __future__ import annotations
 
@@ -8,26 +9,37 @@ import logging
 
 import uvicorn
 
+from cloud_router.limits import DEFAULT_HEAD_TIMEOUT_S, head_timeout_protocol
+
 from cloud_router.app import build_app
 from cloud_router.discovery import ServiceWatcher
 from cloud_router.endpoints import CENTRAL_SERVICE, EDGE_SERVICE
 from cloud_router.settings import RouterSettings
+from cloud_router.verifier import IdentityVerifier
 
 log = logging.getLogger(__name__)
 
 
 def router_app(settings: RouterSettings):
     """The app with its watchers; they run for the app's lifespan."""
-    watchers = [ServiceWatcher(settings.consul, name, near=settings.near)
+    watchers = [ServiceWatcher(settings.consul, name, near=settings.near,
+                               token=settings.consul_token)
                 for name in (EDGE_SERVICE, CENTRAL_SERVICE)]
+    verifier = (IdentityVerifier(watchers, settings.fleet_key, settings.identity)
+                if settings.fleet_key else None)
 
     @contextlib.asynccontextmanager
     async def run_watchers():
         tasks = [asyncio.create_task(w.run(), name=f"watch-{w.service}") for w in watchers]
         # Serve at once, but give discovery a moment so the first requests see a table.
         await asyncio.gather(*(w.wait_loaded(5.0) for w in watchers))
-        log.info("router started", extra={"consul": settings.consul, "endpoints": sum(
-            len(w.endpoints) for w in watchers)})
+        if verifier is not None:
+            await verifier.check_due_once()   # the first table already knows who is who
+            tasks.append(asyncio.create_task(verifier.run(), name="identity-verifier"))
+        log.info("router started", extra={
+            "consul": settings.consul, "consul_token": settings.consul_token is not None,
+            "fleet_key": verifier is not None,
+            "endpoints": sum(len(w.endpoints) for w in watchers)})
         try:
             yield
         finally:
@@ -35,12 +47,17 @@ def router_app(settings: RouterSettings):
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    return build_app(settings, watchers,
-                     ready=lambda: all(w.loaded for w in watchers),
-                     lifespan_tasks=run_watchers)
+    app = build_app(settings, watchers,
+                    ready=lambda: all(w.loaded for w in watchers),
+                    lifespan_tasks=run_watchers)
+    if verifier is not None:
+        app.state.table.set_gate(verifier)
+        verifier.register_metrics(app.state.metrics.registry)
+    return app
 
 
 def serve(settings: RouterSettings) -> None:
     """Run the router until SIGINT/SIGTERM."""
     uvicorn.run(router_app(settings), host=settings.host, port=settings.port,
-                log_config=None, access_log=False, timeout_keep_alive=30)
+                log_config=None, access_log=False, timeout_keep_alive=30,
+                http=head_timeout_protocol(DEFAULT_HEAD_TIMEOUT_S))

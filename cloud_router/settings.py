@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cloud_router.forwarding import ForwardConfig
+from cloud_router.identity import IdentityConfig
 from cloud_router.policy import PolicyConfig
 from cloud_router.stats import EjectionConfig
 
@@ -21,3 +22,9 @@ class RouterSettings:
     ejection: EjectionConfig = field(default_factory=EjectionConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     retry_budget_ratio: float = 0.2
+    max_body_bytes: int = 2 * 1024 * 1024  # a bigger request body is a 413, unread
+    # Consul ACL token sent on every read (None: anonymous); never in a repr or a log
+    consul_token: str | None = field(default=None, repr=False)
+    # shared with the agents: route only to endpoints that prove it (None: trust Consul)
+    fleet_key: bytes | None = field(default=None, repr=False)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)

@@ -5,12 +5,18 @@ Owns the mutable parts (the current fleet, stats, retry budget, random source, c
 the pure policy snapshots for each decision. Endpoints come from ``sources`` (the discovery
 watchers, or a list in tests); the fleet is rebuilt only when a source's ``generation`` has
 moved, and that is also when the stats of endpoints that left are dropped.
+
+A ``gate`` (the identity verifier, when the router has a fleet key) decides which endpoints
+may be sent requests; the others stay in the table (and its rows) but are never candidates,
+and a route explanation lists them as skipped with the gate's reason. The fleet is rebuilt
+when the gate's ``generation`` moves too.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from typing import Callable, Protocol, Sequence
 
 from cloud_router.endpoints import Endpoint
@@ -30,13 +36,29 @@ class EndpointSource(Protocol):
     def endpoints(self) -> list[Endpoint]: ...
 
 
+class EndpointGate(Protocol):
+    """Which endpoints may be sent requests. ``generation`` moves whenever ``admit`` may
+    answer differently."""
+
+    @property
+    def generation(self) -> int: ...
+
+    def admit(self, endpoint: Endpoint) -> str | None:
+        """None when requests may go to ``endpoint``, else why not."""
+
+    def describe(self, endpoint: Endpoint) -> dict:
+        """Extra columns for the endpoint's row."""
+
+
 class EndpointTable:
     def __init__(self, sources: Sequence[EndpointSource], *,
                  policy: PolicyConfig = PolicyConfig(),
                  ejection: EjectionConfig = EjectionConfig(),
                  budget: RetryBudget | None = None, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 gate: EndpointGate | None = None):
         self.sources = tuple(sources)
+        self.gate = gate
         self.policy = policy
         self.stats = StatsBook(ejection)
         self.budget = budget or RetryBudget()
@@ -49,14 +71,22 @@ class EndpointTable:
     def fleet(self) -> Fleet:
         """The current fleet, rebuilt here only when a source reports a change."""
         generations = tuple(s.generation for s in self.sources)
+        if self.gate is not None:
+            generations += (self.gate.generation,)
         if generations != self._generations:
             # Generations are read before endpoints: a change that lands in between is seen
             # now and rebuilt once more on the next read.
             self._generations = generations
             self._fleet = Fleet.of((e for s in self.sources for e in s.endpoints),
-                                   self._fleet.known_models)
+                                   self._fleet.known_models,
+                                   self.gate.admit if self.gate is not None else None)
             self.stats.forget_except(self._fleet.by_id.keys())
         return self._fleet
+
+    def set_gate(self, gate: EndpointGate | None) -> None:
+        """Admit only the endpoints ``gate`` admits from now on."""
+        self.gate = gate
+        self._generations = None
 
     def models(self) -> list[str]:
         """Models served by an endpoint in the fleet now."""
@@ -68,9 +98,14 @@ class EndpointTable:
         return model in self.fleet.known_models
 
     def choose(self, hints: RequestHints, exclude: set[str] | frozenset = frozenset()) -> Decision:
-        return choose_endpoint(self.fleet.serving.get(hints.model, ()), hints,
-                               self.stats.snapshot(), self.rng, self.clock(), self.policy,
-                               exclude)
+        fleet = self.fleet
+        decision = choose_endpoint(fleet.serving.get(hints.model, ()), hints,
+                                   self.stats.snapshot(), self.rng, self.clock(), self.policy,
+                                   exclude)
+        withheld = fleet.withheld.get(hints.model)
+        if withheld:
+            decision = replace(decision, skipped={**withheld, **decision.skipped})
+        return decision
 
     def tier_ids(self, tier: str) -> tuple[str, ...]:
         return self.fleet.tier_ids.get(tier, ())
@@ -91,5 +126,6 @@ class EndpointTable:
                 "ejected_for_s": None if s.ejected_until is None
                 else round(max(0.0, s.ejected_until - now), 3),
                 "requests": s.requests, "failures": s.failures,
+                **(self.gate.describe(e) if self.gate is not None else {}),
             })
         return rows

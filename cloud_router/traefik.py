@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import yaml
 
-from cloud_router.endpoints import CENTRAL_SERVICE, EDGE_SERVICE, Endpoint
+from cloud_router.endpoints import Endpoint
 
 HEALTH = {"path": "/readyz", "interval": "2s", "timeout": "1s"}
 PATHS = "PathPrefix(`/v1/`)"
@@ -74,17 +74,3 @@ def traefik_config(endpoints: list[Endpoint], retry_attempts: int = 3) -> dict:
 
 def traefik_yaml(endpoints: list[Endpoint], retry_attempts: int = 3) -> str:
     return yaml.safe_dump(traefik_config(endpoints, retry_attempts), sort_keys=False)
-
-
-async def endpoints_from_consul(consul_url: str) -> list[Endpoint]:
-    """One non-blocking read of both tiers (RegistryError when Consul cannot be read)."""
-    import httpx
-
-    from cloud_router.discovery import ServiceWatcher, endpoints_from_health
-
-    out: list[Endpoint] = []
-    async with httpx.AsyncClient(trust_env=False) as client:
-        for name in (EDGE_SERVICE, CENTRAL_SERVICE):
-            _index, entries = await ServiceWatcher(consul_url, name).fetch(client)
-            out.extend(endpoints_from_health(entries))
-    return out

@@ -19,9 +19,13 @@ from fastapi import FastAPI
 
 from edge_agent.bundle import Bundle
 from edge_agent.bundle.fetch import is_url, resolve_bundle
+from edge_agent.bundle.signing import load_trust
 from edge_agent.errors import AgentError
 from edge_agent.metrics import AgentMetrics
+from edge_agent.rest.limits import BodyLimit
+from edge_agent.rest import identity
 from edge_agent.rest.middleware import NodeHeaders
+from edge_agent.rest.openapi import openapi_schema
 from edge_agent.rest.router import openai_http_errors, router
 from edge_agent.serving.api import OpenAIServing
 from edge_agent.serving.lifecycle import LoadedModel, ModelHost, load_model
@@ -39,10 +43,17 @@ def create_app(settings: AgentSettings, model: LoadedModel | None = None) -> Fas
     async def lifespan(app: FastAPI):
         loaded = model
         if loaded is None:
-            bundle = await asyncio.to_thread(resolve_bundle, settings.bundle, settings.store)
+            bundle = await asyncio.to_thread(resolve_bundle, settings.bundle, settings.store,
+                                             trust=load_trust(settings.trust_keys))
             loaded = await asyncio.to_thread(load_model, bundle, settings)
         bundle = loaded.bundle
         host = ModelHost(settings, loaded, metrics)
+        if host.trust is None:
+            log.warning("bundles are not signature-checked: no --trust-key given; any bundle "
+                        "whose files match its manifest is served")
+        else:
+            log.info("bundles must be signed by a trusted key",
+                     extra={"trusted_keys": ",".join(host.trust.key_ids)})
         app.state.host = host
         app.state.serving = OpenAIServing(settings, host, metrics)
         registration = bridge = leaving = None
@@ -85,7 +96,10 @@ def create_app(settings: AgentSettings, model: LoadedModel | None = None) -> Fas
     app.state.settings = settings
     app.state.metrics = metrics
     app.include_router(router)
+    app.include_router(identity.router)  # GET /edgegen/v1/identity (fleet key)
+    app.openapi = lambda: openapi_schema(app)
     openai_http_errors(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(NodeHeaders, node=settings.node, tier=settings.tier)
     return app
 
@@ -98,7 +112,8 @@ async def _swap(settings: AgentSettings, host: ModelHost, body: dict) -> ErrorRe
                      param="path")
     if is_url(source):
         try:
-            fetched = await asyncio.to_thread(resolve_bundle, source, settings.store)
+            fetched = await asyncio.to_thread(resolve_bundle, source, settings.store,
+                                              trust=host.trust)
         except AgentError as exc:
             return error(400, f"bundle refused: {exc}", param="url", code="bad_bundle")
         source = str(fetched.path)

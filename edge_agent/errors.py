@@ -6,7 +6,9 @@
     │   ├── BundleFormatError       edgegen.json is unreadable or not edgegen.bundle/v1
     │   ├── BundleIntegrityError    files do not match the manifest (tampered, truncated, missing)
     │   ├── BundleFetchError        a bundle URL could not be downloaded or verified
+    │   ├── BundleSignatureError    no valid signature by a trusted key (a trust policy is set)
     │   └── ModelLoadError          the bundle verified, but its runtime cannot load the model
+    ├── SigningKeyError             a signing or public key file cannot be read or written
     ├── DeviceUnavailable           a GPU execution provider was asked for but is not present
     ├── GenerationError             the runtime failed while generating (not the client's fault)
     └── RegistrationError           Consul refused or could not be reached (registration retries)
@@ -45,6 +47,22 @@ class BundleIntegrityError(BundleError):
 
 class BundleFetchError(BundleError):
     """A bundle URL could not be downloaded, or what arrived does not verify."""
+
+
+class BundleSignatureError(BundleError):
+    """The bundle carries no valid signature by a trusted key (or its signatures are malformed).
+
+    ``digest`` is the bundle's manifest digest; ``seen`` the key ids of its signatures.
+    """
+
+    def __init__(self, message: str, digest: str = "", seen: tuple[str, ...] = ()):
+        self.digest = digest
+        self.seen = seen
+        super().__init__(message)
+
+
+class SigningKeyError(AgentError):
+    """A private or public key file cannot be read or written, or is not an Ed25519 key."""
 
 
 class DeviceUnavailable(AgentError):

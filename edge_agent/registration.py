@@ -7,6 +7,12 @@ it does not (a registry restarted without its data). Consul being down never sto
 agent: a background task retries with exponential backoff and logs once per state change,
 not once per try. A clean shutdown deregisters, bounded in time.
 
+With Consul's ACLs on, every call carries the agent's token (``settings.consul_token``, sent
+by py-consul as ``X-Consul-Token``): registering and deregistering need ``service:write`` on
+the agent's service name, the resync read ``service:read``. A refusal (403, py-consul's
+``ACLPermissionDenied`` with Consul's text) is logged as such, once, and retried like an
+unreachable Consul: the token may be fixed without restarting the agent's serving.
+
 ``registration_payload`` is the pure part: settings + bundle → what is registered.
 """
 
@@ -86,10 +92,15 @@ def registration_payload(settings: AgentSettings, bundle: Bundle) -> dict:
     }
 
 
-def _client(url: str, timeout: float) -> consul.Consul:
+def _client(url: str, timeout: float, token: str | None = None) -> consul.Consul:
     parts = urlsplit(url if "://" in url else f"http://{url}")
-    return consul.Consul(host=parts.hostname or "127.0.0.1", port=parts.port or 8500,
-                         scheme=parts.scheme or "http", connections_timeout=timeout)
+    client = consul.Consul(host=parts.hostname or "127.0.0.1", port=parts.port or 8500,
+                           scheme=parts.scheme or "http", token=token,
+                           connections_timeout=timeout)
+    # py-consul prefers $CONSUL_HTTP_TOKEN over the token it is given; the settings already
+    # resolved the environment and the token file, so theirs is the token.
+    client.token = token
+    return client
 
 
 class ConsulRegistration:
@@ -106,13 +117,13 @@ class ConsulRegistration:
         self.resync_interval = resync_interval
         self.max_backoff = max_backoff
         self.request_timeout = request_timeout
-        self._consul = _client(settings.consul, request_timeout)
+        self._consul = _client(settings.consul, request_timeout, settings.consul_token)
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self.registered = False
         self.stopped = False
-        self.state = "starting"   # starting | registered | unreachable
+        self.state = "starting"   # starting | registered | unreachable | denied
 
     # ---- public API ----------------------------------------------------------------------
 
@@ -136,7 +147,7 @@ class ConsulRegistration:
         except RegistrationError as exc:
             # The background loop registers the new bundle once Consul answers again.
             self.registered = False
-            self._set_state("unreachable", str(exc))
+            self._set_state(_failure_state(exc), str(exc))
             self._wake.set()
 
     async def stop(self, timeout: float = 3.0) -> None:
@@ -149,7 +160,8 @@ class ConsulRegistration:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        client = _client(self.settings.consul, min(self.request_timeout, timeout))
+        client = _client(self.settings.consul, min(self.request_timeout, timeout),
+                         self.settings.consul_token)
         try:
             await asyncio.wait_for(
                 self._call(client.agent.service.deregister, self.service_id), timeout)
@@ -164,8 +176,22 @@ class ConsulRegistration:
     async def _call(self, fn, *args, **kwargs):
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
+        except consul.ACLPermissionDenied as exc:
+            who = "the token given" if self.settings.consul_token else \
+                "no token (Consul's anonymous token)"
+            raise RegistrationError(
+                f"consul at {self.settings.consul} refused {who}: {exc} -- give a token with "
+                f"service:write on {service_name(self.settings.tier)!r} (--consul-token-file "
+                "or CONSUL_HTTP_TOKEN)") from exc
         except (consul.ConsulException, requests.RequestException, OSError) as exc:
             raise RegistrationError(f"consul at {self.settings.consul}: {exc}") from exc
+
+    async def _known(self) -> bool:
+        """Whether Consul still has this service. (py-consul's ``service_definition`` sends
+        no token, which a Consul with ACLs refuses; the filtered list carries it.)"""
+        services = await self._call(self._consul.agent.services,
+                                    filter_expr=f'ID == "{self.service_id}"')
+        return self.service_id in (services or {})
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         if state == self.state:
@@ -174,6 +200,9 @@ class ConsulRegistration:
         extra = {"service_id": self.service_id, "consul": self.settings.consul}
         if state == "registered":
             logger.info("registered in consul", extra=extra)
+        elif state == "denied":
+            logger.warning("consul refused this agent's token (ACL); serving anyway and "
+                           "retrying registration", extra={**extra, "error": error})
         else:
             logger.warning("consul unreachable; serving anyway and retrying registration",
                            extra={**extra, "error": error})
@@ -187,7 +216,9 @@ class ConsulRegistration:
 
     async def _run(self) -> None:
         backoff = 0.0
-        while True:
+        # Not `while True`: on Python 3.11, a cancel that lands as _sleep's wait_for wakes
+        # (update() set _wake just before stop()) is swallowed, and the loop would go on.
+        while not self.stopped:
             try:
                 if not self.registered:
                     async with self._lock:
@@ -196,9 +227,7 @@ class ConsulRegistration:
                     self.registered = True
                     self._set_state("registered")
                 else:
-                    known = await self._call(self._consul.agent.service_definition,
-                                             self.service_id)
-                    if known is None:
+                    if not await self._known():
                         logger.warning("consul forgot this service; registering again",
                                        extra={"service_id": self.service_id})
                         self.registered = False
@@ -208,6 +237,11 @@ class ConsulRegistration:
                 await self._sleep(self.resync_interval)
             except RegistrationError as exc:
                 self.registered = False
-                self._set_state("unreachable", str(exc))
+                self._set_state(_failure_state(exc), str(exc))
                 backoff = min(self.max_backoff, max(0.5, backoff * 2))
                 await self._sleep(backoff * random.uniform(0.75, 1.0))
+
+
+def _failure_state(exc: RegistrationError) -> str:
+    """denied when Consul refused the token (403), else unreachable."""
+    return "denied" if isinstance(exc.__cause__, consul.ACLPermissionDenied) else "unreachable"

@@ -15,8 +15,9 @@ import logging
 import uvicorn
 
 from edge_agent.app import create_app
-from edge_agent.bundle import open_bundle
 from edge_agent.bundle.fetch import Progress, resolve_bundle
+from edge_agent.bundle.signing import load_trust, open_trusted
+from edge_agent.rest.limits import DEFAULT_HEAD_TIMEOUT_S, head_timeout_protocol
 from edge_agent.engine.ort import providers_for
 from edge_agent.serving.lifecycle import load_model
 from edge_agent.settings import AgentSettings
@@ -60,18 +61,20 @@ class DrainingServer(uvicorn.Server):
 
 
 def prepare(settings: AgentSettings, progress: Progress | None = None) -> AgentSettings:
-    """Fail fast with a clear error (device, bundle) and pin a fetched URL to its directory."""
+    """Fail fast with a clear error (device, trusted keys, bundle and its signature) and pin a
+    fetched URL to its directory."""
     providers_for(settings.device)
-    bundle = resolve_bundle(settings.bundle, settings.store, progress=progress)
+    bundle = resolve_bundle(settings.bundle, settings.store, progress=progress,
+                            trust=load_trust(settings.trust_keys))
     return dataclasses.replace(settings, bundle=str(bundle.path))
 
 
 def run_agent(settings: AgentSettings) -> None:
     # Load before uvicorn starts, so a model that cannot load is one clear error line
     # (the CLI's), not a traceback from uvicorn's lifespan handler.
-    model = load_model(open_bundle(settings.bundle), settings)
+    model = load_model(open_trusted(settings.bundle, load_trust(settings.trust_keys)), settings)
     app = create_app(settings, model)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             lifespan="on", timeout_graceful_shutdown=int(settings.drain_timeout),
-                            access_log=False)
+                            access_log=False, http=head_timeout_protocol(DEFAULT_HEAD_TIMEOUT_S))
     DrainingServer(config, settings.drain_timeout).run()

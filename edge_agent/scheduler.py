@@ -41,6 +41,16 @@ INLINE_STEP_S = 0.025
 RETRY_AFTER_MAX_S = 60
 
 
+def failure_message(exc: BaseException) -> str:
+    """What a client is told when its generation failed: the agent's own errors say what
+    went wrong; anything else is a bug, logged with its traceback and not shown."""
+    if isinstance(exc, AgentError):
+        log.error("generation failed", extra={"error": str(exc)})
+        return str(exc)
+    log.error("generation failed", exc_info=exc)
+    return "internal error"
+
+
 async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
     """Wait for ``event``; False if ``timeout`` seconds passed first."""
     try:
@@ -196,20 +206,22 @@ class Scheduler:
                     tokens = await asyncio.to_thread(self.engine.step, states)
                 else:
                     tokens = self.engine.step(states)
-            except Exception as exc:  # noqa: BLE001 - engines raise GenerationError; a bug
-                # elsewhere must still end these requests rather than stop the task silently
-                if not isinstance(exc, AgentError):
-                    log.exception("engine step raised")
-                log.error("generation failed", extra={"error": str(exc)})
+            except Exception as exc:  # noqa: BLE001 - the whole step failed (the batched
+                # forward pass): every sequence in it ends, the scheduler goes on
+                message = failure_message(exc)
                 for handle in batch:
-                    self._finish(handle, TokenEvent(finish_reason="error", error=str(exc)))
+                    self._finish(handle, TokenEvent(finish_reason="error", error=message))
                 continue
             if not prefill:
                 took = time.perf_counter() - started
                 self.decode_step_s = took if not self.decode_step_s else \
                     0.8 * self.decode_step_s + 0.2 * took
             for handle, token in zip(batch, tokens):
-                self._advance(handle, token)
+                if isinstance(token, Exception):  # this sequence failed on its own
+                    self._finish(handle, TokenEvent(finish_reason="error",
+                                                    error=failure_message(token)))
+                else:
+                    self._advance(handle, token)
             now = time.monotonic()
             if prefill or now - self._yielded_at >= self.stream_interval \
                     or len(self.running) < len(batch):
@@ -228,8 +240,8 @@ class Scheduler:
             handle = self.waiting.popleft()
             try:
                 handle.state = self.engine.start(handle.prompt_ids, handle.params)
-            except AgentError as exc:
-                handle._emit(TokenEvent(finish_reason="error", error=str(exc)))
+            except Exception as exc:  # noqa: BLE001 - one request's failure is its own
+                handle._emit(TokenEvent(finish_reason="error", error=failure_message(exc)))
                 continue
             handle.admitted = time.monotonic()
             self.running.append(handle)

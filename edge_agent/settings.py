@@ -31,14 +31,20 @@ class AgentSettings:
     max_tokens_default: int = 256     # when a request names no max_tokens
     stream_interval_ms: int = 20      # streams get new tokens every N ms (0: every step)
     drain_timeout: float = 30.0       # seconds in-flight requests get on SIGTERM or bundle swap
-    admin_token: str | None = None    # bearer token for POST /edgegen/v1/bundle; None = disabled
+    admin_token: str | None = field(default=None, repr=False)  # bearer for POST /edgegen/v1/bundle
     store: Path = field(default_factory=default_store)  # content-addressed bundle cache
     consul: str | None = None         # http://host:8500 to register in Consul
     mqtt: str | None = None           # mqtt[s]://[user:pass@]host:port for the device bridge
     mqtt_ca_file: str | None = None
+    mqtt_username: str | None = None  # wins over the URL's user; AGENT_USER on edgegen's brokers
+    mqtt_password: str | None = field(default=None, repr=False)  # never in argv nor in logs
     mqtt_coalesce_ms: int = 50        # streaming: flush a chunk message at least this often
     mqtt_coalesce_tokens: int = 8     # ... or after this many tokens
     mqtt_max_payload: int = 256 * 1024
+    max_body_bytes: int = 2 * 1024 * 1024  # a bigger HTTP request body is a 413, unread
+    consul_token: str | None = field(default=None, repr=False)  # Consul ACL token (never logged)
+    fleet_key: bytes | None = field(default=None, repr=False)   # proves this agent to routers
+    trust_keys: tuple[str, ...] = ()  # public key files/dirs; a bundle must be signed by one
 
     @property
     def address(self) -> str:

@@ -8,6 +8,7 @@ after validation and the quality gate pass, so an error or an interruption leave
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -17,7 +18,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edge_agent.bundle import PRECISIONS, TASKS, Bundle, default_store, staging_dir, write_bundle
+from edge_agent.bundle import (
+    PRECISIONS,
+    TASKS,
+    Bundle,
+    default_store,
+    staging_dir,
+    write_bundle,
+)
+from edge_agent.errors import BundleSignatureError
 from exporters import gate, genai, optimum_export, quantize, validation
 from exporters.errors import (
     ExportError,
@@ -54,8 +63,12 @@ def export_model(
     force: bool = False,
     threads: int | None = None,
     progress: Progress | None = None,
+    sign_key: str | os.PathLike | None = None,
 ) -> Bundle:
     """Export ``source`` into ``store`` and return the sealed bundle.
+
+    With ``sign_key`` (an Ed25519 private key file), the bundle is signed as it is written
+    (``edgegen.sig``); the key is read first, so a bad key fails before any work.
 
     ``precision`` defaults to int4 for text generation and fp32 for embeddings; ``exporter``
     (genai | optimum) defaults to genai where its builder supports the architecture.
@@ -65,6 +78,7 @@ def export_model(
     check_options(precision=precision, task=task, device=device, exporter=exporter, trt=trt,
                   context_length=context_length)
     check_device(precision=precision, device=device, trt=trt)
+    signer = _signing_key(sign_key) if sign_key is not None else None
     store = Path(store) if store is not None else default_store()
     staging = _make_staging(store)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=store))
@@ -128,10 +142,17 @@ def export_model(
         }
         if pooling:
             manifest["pooling"] = pooling
+        seal = None
+        if signer is not None:  # signed in staging: the bundle appears in the store signed
+            from edge_agent.bundle.signing import sign_bundle
+
+            seal = functools.partial(sign_bundle, key=signer)
         try:
-            bundle = write_bundle(staging, manifest, store)
+            bundle = write_bundle(staging, manifest, store, seal=seal)
         except OSError as exc:
             raise StoreError(f"cannot write the bundle into {store}: {exc}") from exc
+        except BundleSignatureError as exc:
+            raise StoreError(f"the bundle could not be signed: {exc}") from exc
         log.info("bundle written", extra={"path": str(bundle.path), "digest": bundle.digest})
         return bundle
     finally:
@@ -274,6 +295,17 @@ def check_device(*, precision: str | None, device: str, trt: bool) -> None:
             f"{what} needs a GPU and the edgegen[gpu] extra (onnxruntime-gpu); this machine "
             f"offers only {', '.join(sorted(providers))}: use int4 or int8 on CPU"
         )
+
+
+def _signing_key(path: str | os.PathLike):
+    """The Ed25519 private key at ``path``; a key that cannot be used is an option error."""
+    from edge_agent.bundle.signing import load_private_key
+    from edge_agent.errors import SigningKeyError
+
+    try:
+        return load_private_key(path)
+    except SigningKeyError as exc:
+        raise ExportOptionError(f"--sign-key: {exc}") from exc
 
 
 def _make_staging(store: Path) -> Path:

@@ -24,15 +24,16 @@ def ask_rest(router_url: str, model: str, timeout: float = 300.0) -> tuple[str, 
     return r.json()["choices"][0]["message"]["content"], r.headers.get("x-edgegen-node", "?")
 
 
-def mqtt_chat_command(broker: str) -> list[str]:
-    """The `edgegen` arguments of the MQTT question (printed by the demo as it asks it)."""
-    return ["mqtt", "chat", "--broker", broker, "--max-tokens", "48", "--temperature", "0",
-            "--no-stream", PROMPT]
+def mqtt_chat_command(broker: str, *login: str) -> list[str]:
+    """The `edgegen` arguments of the MQTT question (printed by the demo as it asks it);
+    ``login``: the device's user and password-file options."""
+    return ["mqtt", "chat", "--broker", broker, *login, "--max-tokens", "48", "--temperature",
+            "0", "--no-stream", PROMPT]
 
 
-def ask_mqtt(broker: str, timeout: float = 300.0) -> str:
+def ask_mqtt(broker: str, *login: str, timeout: float = 300.0) -> str:
     """Ask any agent on the broker, as a device would, with `edgegen mqtt chat`."""
-    cmd = [sys.executable, "-m", "cli.main", *mqtt_chat_command(broker)]
+    cmd = [sys.executable, "-m", "cli.main", *mqtt_chat_command(broker, *login)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:

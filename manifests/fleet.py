@@ -7,6 +7,7 @@ each waited for (HTTP readiness) before the next that needs it; stop() ends them
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import shlex
@@ -23,6 +24,14 @@ from typing import Callable
 
 import httpx
 
+from cloud_router.credentials import SECRET_FILE_VARIABLES, FleetSecrets, write_fleet_secrets
+from edge_agent.mqtt.contract import DEVICE_USER
+from edge_agent.mqtt.credentials import (
+    PASSWORD_ENV,
+    BrokerCredentials,
+    device_instructions,
+    write_broker_credentials,
+)
 from manifests.errors import LocalFleetError
 from manifests.local import Node, ProcessSpec, load_cluster, node_processes, router_process
 from manifests.render import BundleRef, DeployConfig, mosquitto_conf, render
@@ -39,6 +48,7 @@ class FleetOptions:
     router_port: int = 8080
     registry_port: int = 8500
     mqtt_port: int = 1883
+    mqtt_anonymous: bool = False      # devices may connect without a password (opt-in)
     deploy_config: DeployConfig | None = None
     workdir: Path | None = None
     ready_timeout: float = 300.0
@@ -69,6 +79,8 @@ class Fleet:
     registry_url: str = ""
     router_url: str = ""
     mqtt_url: str = ""
+    agent_env: dict = field(default_factory=dict, repr=False)   # secrets the agents get
+    secrets: FleetSecrets | None = None   # Consul ACL tokens and the fleet key (files, 0600)
     bundle: BundleRef | None = None
 
     def _spawn(self, name: str, argv, env: dict | None = None) -> subprocess.Popen:
@@ -119,19 +131,32 @@ class Fleet:
         nodes = load_cluster(o.cluster)
         # 1. registry (stands in for Consul) and broker
         self.registry_url = f"http://127.0.0.1:{o.registry_port}"
+        # ACLs on: new tokens and a fleet key, in files; each process gets its own in its
+        # environment, never in argv; anyone may read (README: ACL tokens, fleet key).
+        self.secrets = write_fleet_secrets(self.workdir / "secrets", anonymous_read=True)
+        no_secret_files = dict.fromkeys(SECRET_FILE_VARIABLES, "")
         reg = self._spawn("registry", [*EDGEGEN, "registry", "--port", str(o.registry_port),
-                                       "--data-dir", str(self.workdir / "registry")])
+                                       "--data-dir", str(self.workdir / "registry"),
+                                       "--acl-file", str(self.secrets.acl_file)])
         self._wait_http("registry", f"{self.registry_url}/v1/status/leader", reg, 60)
         say(f"registry  {self.registry_url}")
         if o.mqtt_port:
             conf = self.workdir / "mosquitto.conf"
             (self.workdir / "mosquitto").mkdir(exist_ok=True)
-            conf.write_text(mosquitto_conf(o.mqtt_port, f"{self.workdir / 'mosquitto'}/").replace(
-                f"listener {o.mqtt_port}", f"listener {o.mqtt_port} 127.0.0.1"))
+            creds = write_broker_credentials(self.workdir / "mqtt")   # new passwords, 0600
+            self.agent_env[PASSWORD_ENV] = creds.agent_password()   # env, never argv
+            conf.write_text(mosquitto_conf(
+                o.mqtt_port, f"{self.workdir / 'mosquitto'}/", host="127.0.0.1",
+                password_file=str(creds.passwd), acl_file=str(creds.acl),
+                allow_anonymous=o.mqtt_anonymous,
+                user=getpass.getuser() if os.geteuid() == 0 else None))
             self._spawn("mosquitto", [find_mosquitto(), "-c", str(conf)])
             self._wait_tcp("mosquitto", o.mqtt_port, 30)
             self.mqtt_url = f"mqtt://127.0.0.1:{o.mqtt_port}"
-            say(f"mqtt      {self.mqtt_url}")
+            say(f"mqtt      {self.mqtt_url}" + ("  (anonymous devices allowed)"
+                                                 if o.mqtt_anonymous else ""))
+            for line in device_instructions(creds, self.mqtt_url)[:2]:
+                say(f"          {line}")
         # 2. publish the bundle so the init containers pull it as nodes would
         from edge_agent.bundle import open_bundle
 
@@ -145,28 +170,30 @@ class Fleet:
         self.bundle = BundleRef(b.name, b.digest, url)
         cfg = o.deploy_config or DeployConfig(bundle=self.bundle)
         cfg = replace(cfg, bundle=self.bundle, consul_address=self.registry_url,
-                      mqtt=bool(o.mqtt_port))
+                      mqtt=bool(o.mqtt_port), mqtt_anonymous=o.mqtt_anonymous)
         docs = render(cfg)
         # 3. agents, one per node, from the rendered specs
         started: list[tuple[Node, ProcessSpec, subprocess.Popen]] = []
         for node in nodes:
             port = free_port()
             overrides = {"EDGEGEN_STORE": str(self.workdir / "nodes" / node.name / "bundles"),
-                         "EDGEGEN_CONSUL": self.registry_url, "EDGEGEN_MQTT": self.mqtt_url}
+                         "EDGEGEN_CONSUL": self.registry_url, "EDGEGEN_MQTT": self.mqtt_url,
+                         **self.agent_env, **self.secrets.env("agent")}
             for spec in node_processes(docs, node, port, overrides, EDGEGEN):
                 if spec.init:
                     self._run_init(spec, 600)
                 else:
-                    started.append((node, spec, self._spawn(spec.name, spec.argv, spec.env)))
+                    started.append((node, spec, self._spawn(
+                        spec.name, spec.argv, {**spec.env, **no_secret_files})))
                     self.agents[node.name] = port
         for node, spec, p in started:
             self._wait_http(spec.name, f"http://127.0.0.1:{spec.port}/readyz", p, o.ready_timeout)
             say(f"agent     {node.name:14} {node.tier:7} {node.region:9} "
                 f"http://127.0.0.1:{spec.port}")
         # 4. the router
-        rspec = router_process(docs, o.router_port, {"EDGEGEN_CONSUL": self.registry_url},
-                               EDGEGEN)
-        rp = self._spawn("router", rspec.argv, rspec.env)
+        rspec = router_process(docs, o.router_port, {"EDGEGEN_CONSUL": self.registry_url,
+                                                     **self.secrets.env("router")}, EDGEGEN)
+        rp = self._spawn("router", rspec.argv, {**rspec.env, **no_secret_files})
         self.router_url = f"http://127.0.0.1:{o.router_port}"
         self._wait_http("router", f"{self.router_url}/readyz", rp, 120)
         say(f"router    {self.router_url}")
@@ -209,6 +236,15 @@ def start_fleet(opts: FleetOptions, console=None) -> Fleet:
         raise
 
 
+def device_login(fleet: Fleet) -> list[str]:
+    """The `edgegen mqtt chat` options a device of this fleet logs in with (none if its broker
+    has no device password)."""
+    password_file = BrokerCredentials(fleet.workdir / "mqtt").device_password_file
+    if not password_file.exists():
+        return []
+    return ["--mqtt-username", DEVICE_USER, "--mqtt-password-file", str(password_file)]
+
+
 def try_it(fleet: Fleet) -> list[str]:
     """Commands to try a running fleet with: a chat request through the router, one over
     MQTT, and the status of the agents."""
@@ -217,7 +253,9 @@ def try_it(fleet: Fleet) -> list[str]:
     lines = [f"curl -s {fleet.router_url}/v1/chat/completions "
              f"-H 'content-type: application/json' -d '{body}'"]
     if fleet.mqtt_url:
-        lines.append(f"edgegen mqtt chat --broker {fleet.mqtt_url} 'Hello!'")
+        login = device_login(fleet)
+        lines.append(f"edgegen mqtt chat --broker {fleet.mqtt_url} 'Hello!'"
+                     + (f" {shlex.join(login)}" if login else ""))
     lines.append(f"edgegen status --target local --consul {fleet.registry_url}")
     return lines
 
@@ -264,5 +302,7 @@ def _demo(fleet: Fleet, say: Callable[[str], None]) -> None:
     answer, node = ask_rest(fleet.router_url, fleet.bundle.name)
     say(f"REST answer (router → {node}): {answer}")
     if fleet.mqtt_url:
-        say(f"MQTT question: {shlex.join(['edgegen', *mqtt_chat_command(fleet.mqtt_url)])}")
-        say(f"MQTT answer: {ask_mqtt(fleet.mqtt_url)}")
+        login = device_login(fleet)
+        say(f"MQTT question: "
+            f"{shlex.join(['edgegen', *mqtt_chat_command(fleet.mqtt_url, *login)])}")
+        say(f"MQTT answer: {ask_mqtt(fleet.mqtt_url, *login)}")

@@ -80,6 +80,12 @@ def container_env(container: dict, node: Node, overrides: dict) -> dict:
             env[name] = str(overrides[name])
         elif "value" in e:
             env[name] = expand(str(e["value"]), env)
+        elif "secretKeyRef" in e["valueFrom"]:   # the fleet passes secrets as overrides
+            ref = e["valueFrom"]["secretKeyRef"]
+            if ref.get("optional"):   # as the kubelet does for a Secret that is not there
+                continue
+            raise RenderError(f"--target local has no Secret {ref['name']} (key {ref['key']}) "
+                              f"for {name}")
         else:
             env[name] = _field(e["valueFrom"]["fieldRef"]["fieldPath"], node)
     return env

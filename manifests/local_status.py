@@ -21,14 +21,16 @@ from manifests.errors import ClusterError
 SERVICES = (EDGE_SERVICE, CENTRAL_SERVICE)
 
 
-def registry_status(consul: str, timeout: float = 5.0) -> list[AgentRow]:
-    """One row per registered agent, passing or not, from ``/v1/health/service/<name>``."""
+def registry_status(consul: str, timeout: float = 5.0, token: str | None = None
+                    ) -> list[AgentRow]:
+    """One row per registered agent, passing or not, from ``/v1/health/service/<name>``;
+    ``token`` is the Consul ACL token to read with (None: anonymous)."""
 
     async def read_all() -> list[dict]:
         async with httpx.AsyncClient() as client:
             return [entry for service in SERVICES for entry in
                     (await read_health(client, consul, service, passing=False,
-                                       timeout=timeout))[1]]
+                                       timeout=timeout, token=token))[1]]
 
     try:
         entries = asyncio.run(read_all())

@@ -8,6 +8,7 @@ apply order; `write_manifests` lays them out as a Kustomize base (one file per o
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -16,6 +17,8 @@ from pathlib import Path
 import jinja2
 import yaml
 
+from edge_agent.mqtt.contract import AGENT_USER, broker_acl
+from edge_agent.mqtt.credentials import BrokerCredentials, write_private
 from edge_agent.version import VERSION
 from manifests.errors import RenderError
 
@@ -23,11 +26,19 @@ from manifests.errors import RenderError
 # channel); 1.35 is also where the Downward API sees the node's topology labels (KEP-4742).
 K3S_KUBERNETES_VERSION = "1.35.0"
 STORE_PATH = "/var/lib/edgegen/bundles"
+TRUSTED_KEYS_PATH = "/etc/edgegen/trusted-keys"   # the trusted-keys ConfigMap, mounted
 AGENT_PORT = 8000
 ROUTER_PORT = 8080
 MQTT_PORT = 1883
 CONSUL_PORT = 8500
 DEFAULT_IMAGE = f"ghcr.io/edgegen/edgegen:{VERSION}"
+# The broker's credentials (`edgegen mqtt credentials` writes it): Mosquitto's hashed password
+# file, mounted into the broker, and the agents' password, which reaches them as an env var.
+MQTT_SECRET = "edgegen-mqtt"
+MQTT_SECRET_PASSWD_KEY = "passwd"
+MQTT_SECRET_AGENT_KEY = "agent-password"
+MOSQUITTO_CONFIG_DIR = "/mosquitto/config"
+MOSQUITTO_SECRET_DIR = "/mosquitto/secret"
 HISTORY_LIMIT = 10
 
 _TEMPLATES = Path(__file__).with_name("templates")
@@ -84,11 +95,15 @@ class DeployConfig:
     queue_size: int = 16
     drain_timeout: int = 30
     mqtt: bool = True                        # a Mosquitto broker per edge node
+    mqtt_anonymous: bool = False             # devices may connect without a password (opt-in)
     router_replicas: int = 2
     router_host: str | None = None           # IngressRoute Host() match; None = any host
     entry_points: tuple = ("web",)
     tls_secret: str | None = None
     ingress_inflight_per_client: int = 64
+    # A ConfigMap in the namespace whose *.pub entries are the trusted bundle signing keys:
+    # the init container's pull and the agent refuse bundles no such key signed. None: no check.
+    trusted_keys: str | None = None
 
     def with_bundle(self, bundle: BundleRef) -> "DeployConfig":
         return replace(self, bundle=bundle)
@@ -145,6 +160,10 @@ def check_config(cfg: DeployConfig) -> None:
     if cfg.router_host is not None and not re.fullmatch(
             r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", cfg.router_host):
         raise RenderError(f"--host {cfg.router_host!r} is not a DNS name")
+    if cfg.trusted_keys is not None and (not _DNS_LABEL.match(cfg.trusted_keys)
+                                         or len(cfg.trusted_keys) > 63):
+        raise RenderError(f"trusted keys ConfigMap {cfg.trusted_keys!r} is not a valid name "
+                          "(lower-case letters, digits and '-')")
     if cfg.central_replicas < 0 or cfg.router_replicas < 1:
         raise RenderError("replica counts must be positive")
 
@@ -154,17 +173,50 @@ def consul_url(cfg: DeployConfig) -> str:
     return cfg.consul_address or f"http://$(HOST_IP):{CONSUL_PORT}"
 
 
-def mosquitto_conf(port: int = MQTT_PORT, data_dir: str = "/mosquitto/data/") -> str:
-    """Mosquitto's configuration for an edge broker (also written by `edgegen up`).
+def mosquitto_conf(port: int = MQTT_PORT, data_dir: str = "/mosquitto/data/", *,
+                   password_file: str, acl_file: str, allow_anonymous: bool = False,
+                   host: str | None = None, user: str | None = None) -> str:
+    """Mosquitto's configuration for an edge broker (also written by `edgegen up` and the
+    tests' brokers).
 
-    Persistence keeps the agents' sessions (and replies queued for them) across a broker
-    restart; TCP_NODELAY stops Nagle from holding each streamed chunk back ~40 ms.
+    Locked by default: clients log in from ``password_file`` and may only do what
+    ``acl_file`` (``contract.broker_acl``) grants; ``allow_anonymous`` lets devices in without
+    a password (the ACL still applies to them). Persistence keeps the agents' sessions (and
+    replies queued for them) across a broker restart; TCP_NODELAY stops Nagle from holding
+    each streamed chunk back ~40 ms. ``user``: the account mosquitto runs as when started as
+    root (else it switches to ``mosquitto``, which cannot read 0600 files of another user).
     """
     return (
-        f"# edgegen edge broker\nlistener {port}\nallow_anonymous true\n"
-        f"persistence true\npersistence_location {data_dir}\nautosave_interval 30\n"
+        f"# edgegen edge broker\nlistener {port}{f' {host}' if host else ''}\n"
+        f"allow_anonymous {'true' if allow_anonymous else 'false'}\n"
+        f"password_file {password_file}\nacl_file {acl_file}\n"
+        + (f"user {user}\n" if user else "")
+        + f"persistence true\npersistence_location {data_dir}\nautosave_interval 30\n"
         "set_tcp_nodelay true\nmax_inflight_messages 100\nlog_dest stderr\n"
     )
+
+
+def mqtt_secret(namespace: str, creds: BrokerCredentials) -> dict:
+    """The Secret the rendered broker and agents read (``MQTT_SECRET``), from ``creds``."""
+    def b64(path: Path) -> str:
+        return base64.b64encode(path.read_bytes()).decode()
+
+    agent_password = creds.agent_password().encode()
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": MQTT_SECRET, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/part-of": "edgegen",
+                                "app.kubernetes.io/component": "mqtt-broker"}},
+        "data": {MQTT_SECRET_PASSWD_KEY: b64(creds.passwd),
+                 MQTT_SECRET_AGENT_KEY: base64.b64encode(agent_password).decode()},
+    }
+
+
+def write_mqtt_secret(creds: BrokerCredentials, namespace: str = "edgegen") -> Path:
+    """Write ``mqtt_secret`` as ``secret.yaml`` (0600) beside the credentials."""
+    path = creds.directory / "secret.yaml"
+    write_private(path, yaml.safe_dump(mqtt_secret(namespace, creds), sort_keys=False))
+    return path
 
 
 def _consul_values() -> str:
@@ -195,11 +247,20 @@ def render(cfg: DeployConfig, history: list[BundleRef] | None = None) -> list[di
         "router_port": ROUTER_PORT,
         "mqtt_port": MQTT_PORT,
         "store_path": STORE_PATH,
+        "trusted_keys_path": TRUSTED_KEYS_PATH,
         "consul_url": consul_url(cfg),
         "edge_selector": edge_selector,
         "history_json": json.dumps([h.to_dict() for h in history]),
         "deploy_json": cfg.to_json(),
-        "mosquitto_conf": mosquitto_conf(MQTT_PORT),
+        "mosquitto_conf": mosquitto_conf(
+            MQTT_PORT, password_file=f"{MOSQUITTO_SECRET_DIR}/{MQTT_SECRET_PASSWD_KEY}",
+            acl_file=f"{MOSQUITTO_CONFIG_DIR}/acl", allow_anonymous=cfg.mqtt_anonymous),
+        "mosquitto_acl": broker_acl(),
+        "mqtt_secret": MQTT_SECRET,
+        "mqtt_secret_passwd_key": MQTT_SECRET_PASSWD_KEY,
+        "mqtt_secret_agent_key": MQTT_SECRET_AGENT_KEY,
+        "mosquitto_secret_dir": MOSQUITTO_SECRET_DIR,
+        "mqtt_agent_user": AGENT_USER,
         "consul_values": _consul_values(),
         "route_match": _route_match(cfg),
     }

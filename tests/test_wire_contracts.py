@@ -23,6 +23,7 @@ from cloud_router.endpoints import CENTRAL_SERVICE, EDGE_SERVICE, META_KEYS
 from cloud_router.registry import coordinates
 from edge_agent.mqtt.contract import error_payload
 from edge_agent.registration import registration_payload
+from edge_agent.serving import bodies as agent_bodies
 from edge_agent.serving import protocol as agent_protocol
 from edge_agent.settings import AgentSettings
 from manifests.local_status import agent_rows
@@ -93,3 +94,36 @@ def test_precision_and_task_lists_have_one_source():
     assert pipeline.PRECISIONS is PRECISIONS and pipeline.TASKS is TASKS
     assert tuple(p.value for p in cli_export.Precision) == PRECISIONS
     assert tuple(t.value for t in cli_export.Task) == TASKS
+
+
+BODIES = [b'{"a": 1}', b"[" * 65 + b"]" * 65, b"[" * 64 + b"]" * 64, b"[" * 100_000,
+          b'{"a": "\\ud800"}', b'{"a": "\\ud83d\\ude00"}', b'{"a": NaN}', b'{"a": Infinity}',
+          b'{"a": 1e999}', b"\xff", b'"caf\xc3\xa9"', b"{", b"", b'{"k\\udc00": 1}']
+
+
+@pytest.mark.parametrize("raw", BODIES)
+def test_agent_and_router_read_request_bodies_alike(raw):
+    """The same body is accepted by both or refused by both, with the same code and param."""
+    from cloud_router.limits import BadBody
+    from cloud_router.limits import decode_json as router_decode
+
+    agent = agent_bodies.decode_json(raw)
+    try:
+        router = router_decode(raw)
+    except BadBody as exc:
+        assert isinstance(agent, agent_protocol.ErrorResult), raw
+        assert (agent.status, agent.body["error"]["code"], agent.body["error"]["param"]) == \
+            (400, exc.code, exc.param)
+        assert agent.body["error"]["message"] == str(exc)
+    else:
+        assert not isinstance(agent, agent_protocol.ErrorResult), raw
+        assert agent == router
+
+
+def test_agent_and_router_share_body_limits():
+    from cloud_router import limits as router_limits
+    from edge_agent.rest import limits as agent_limits
+
+    for name in ("DEFAULT_MAX_BODY_BYTES", "DEFAULT_READ_TIMEOUT_S", "DEFAULT_HEAD_TIMEOUT_S"):
+        assert getattr(agent_limits, name) == getattr(router_limits, name), name
+    assert agent_bodies.MAX_JSON_DEPTH == router_limits.MAX_JSON_DEPTH

@@ -8,6 +8,11 @@ directory to ``<store>/<name>/<digest12>/`` in one step. A URL that names a dige
 in the store is served from the store without touching the network; a URL that cannot be
 reached falls back to the bundle last fetched from it (offline autonomy).
 
+Signatures (``edgegen.sig``, when the server has one) come along with the bundle. Given a
+trust policy, they are checked against the manifest's digest right after the manifest is
+read, before any file is downloaded: a bundle no trusted key signed is refused and leaves
+nothing in the store; a cached bundle is held to the same policy.
+
 This module owns the HTTP side of bundles: httpx errors become BundleFetchError here.
 """
 
@@ -26,6 +31,7 @@ import httpx
 
 from edge_agent.bundle.format import (
     MANIFEST_NAME,
+    SIGNATURES_NAME,
     Bundle,
     _is_safe_relpath,
     find_in_store,
@@ -33,6 +39,13 @@ from edge_agent.bundle.format import (
     open_bundle,
     read_manifest,
     sha256_file,
+)
+from edge_agent.bundle.signing import (
+    BundleSignatureError,
+    TrustPolicy,
+    merge_signatures,
+    open_trusted,
+    parse_signatures,
 )
 from edge_agent.errors import BundleError, BundleFetchError, BundleFormatError
 
@@ -47,29 +60,35 @@ def is_url(source: str) -> bool:
 
 
 def resolve_bundle(source: str, store: str | os.PathLike, *, progress: Progress | None = None,
-                   timeout: float = 30.0) -> Bundle:
-    """A verified bundle for ``source``: a directory path, or a URL fetched into ``store``."""
+                   timeout: float = 30.0, trust: TrustPolicy | None = None) -> Bundle:
+    """A verified bundle for ``source``: a directory path, or a URL fetched into ``store``;
+    with ``trust``, also signed by one of its keys (else :class:`BundleSignatureError`)."""
     if not is_url(source):
-        return open_bundle(source)
-    return fetch_bundle(source, store, progress=progress, timeout=timeout)
+        return open_trusted(source, trust)
+    return fetch_bundle(source, store, progress=progress, timeout=timeout, trust=trust)
 
 
 def fetch_bundle(url: str, store: str | os.PathLike, *, progress: Progress | None = None,
-                 timeout: float = 30.0) -> Bundle:
+                 timeout: float = 30.0, trust: TrustPolicy | None = None) -> Bundle:
     store = Path(store)
     base = url.rstrip("/") + "/"
     named = _DIGEST_IN_URL.search(url.rstrip("/") + "/")
+    untrusted = None  # cached but not (yet) signed by a trusted key: the server may have it
     if named:
         cached = find_in_store(store, named.group(1))
-        if cached is not None:
+        if cached is not None and _trusted(cached, trust):
             log.info("bundle found in the store", extra={"url": url, "digest": cached.digest12})
             return cached
+        untrusted = cached
     try:
         with httpx.Client(timeout=timeout, follow_redirects=True) as client:
-            bundle = _download(client, base, store, named.group(1) if named else None, progress)
+            bundle = _download(client, base, store, named.group(1) if named else None, progress,
+                               trust)
     except httpx.TransportError as exc:
-        cached = _last_fetched(store, url)
+        cached = _last_fetched(store, url) or untrusted
         if cached is not None:
+            if trust is not None:
+                trust.check_bundle(cached)
             log.warning("bundle URL unreachable; serving the cached bundle",
                         extra={"url": url, "digest": cached.digest12, "error": str(exc)})
             return cached
@@ -80,8 +99,18 @@ def fetch_bundle(url: str, store: str | os.PathLike, *, progress: Progress | Non
     return bundle
 
 
+def _trusted(bundle: Bundle, trust: TrustPolicy | None) -> bool:
+    if trust is None:
+        return True
+    try:
+        trust.check_bundle(bundle)
+    except BundleSignatureError:
+        return False
+    return True
+
+
 def _download(client: httpx.Client, base: str, store: Path, expected: str | None,
-              progress: Progress | None) -> Bundle:
+              progress: Progress | None, trust: TrustPolicy | None) -> Bundle:
     resp = client.get(base + MANIFEST_NAME)
     resp.raise_for_status()
     raw = resp.content
@@ -95,12 +124,27 @@ def _download(client: httpx.Client, base: str, store: Path, expected: str | None
     if expected and not digest.startswith(expected):
         raise BundleFetchError(
             f"{base} names digest {expected} but its manifest hashes to {digest[:12]}: refused")
+    sig_raw = _signature_file(client, base)
+    try:
+        signatures = parse_signatures(sig_raw, base + SIGNATURES_NAME) if sig_raw else []
+    except BundleSignatureError:
+        if trust is not None:
+            raise
+        signatures = []  # kept as it came: only a trust policy reads it
+    if trust is not None:  # before anything is written: a refused bundle leaves no trace
+        trust.check(digest, signatures, str(manifest.get("name", "")))
     dest = store / str(manifest.get("name", "")) / digest[:12]
     if (dest / MANIFEST_NAME).is_file():
-        return open_bundle(dest)
+        if signatures:  # signed since it was cached: signatures do not change the digest
+            merge_signatures(dest, [s for s in signatures if s.digest == digest])
+        return open_trusted(dest, trust)
     partial = store / ".partial" / digest
     partial.mkdir(parents=True, exist_ok=True)
     (partial / MANIFEST_NAME).write_bytes(raw)
+    if sig_raw is not None:
+        (partial / SIGNATURES_NAME).write_bytes(sig_raw)
+    else:
+        (partial / SIGNATURES_NAME).unlink(missing_ok=True)
     read_manifest(partial)  # shape check before downloading gigabytes
     for rel, entry in sorted(manifest["files"].items()):
         if not _is_safe_relpath(rel):
@@ -114,6 +158,16 @@ def _download(client: httpx.Client, base: str, store: Path, expected: str | None
         os.replace(partial, dest)
     log.info("bundle fetched", extra={"name": bundle.name, "digest": digest[:12]})
     return open_bundle(dest, verify=False) if dest.exists() else bundle
+
+
+def _signature_file(client: httpx.Client, base: str) -> bytes | None:
+    """The server's ``edgegen.sig``, or None for an unsigned bundle (any 4xx: object stores
+    answer 403 for a missing key)."""
+    resp = client.get(base + SIGNATURES_NAME)
+    if 400 <= resp.status_code < 500:
+        return None
+    resp.raise_for_status()
+    return resp.content
 
 
 def _fetch_file(client: httpx.Client, url: str, path: Path, entry: dict,

@@ -7,6 +7,7 @@ Layout (see DESIGN.md)::
       model.onnx [+ model.onnx.data]
       tokenizer.json tokenizer_config.json chat_template.jinja config.json generation_config.json
       genai_config.json       (bundles whose runtime is onnxruntime-genai)
+      edgegen.sig             signatures over the digest (signed bundles; not in ``files``)
 
 The digest is the sha256 of the manifest in canonical JSON (sorted keys, no spaces). The
 manifest lists every other file with its sha256 and size, so verifying the files and hashing
@@ -26,7 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from edge_agent.errors import (
     BundleFormatError,
@@ -36,6 +37,9 @@ from edge_agent.errors import (
 
 BUNDLE_FORMAT = "edgegen.bundle/v1"
 MANIFEST_NAME = "edgegen.json"
+# Signatures over the manifest digest (edge_agent.bundle.signing): beside the manifest, never
+# listed in its ``files``, so signing does not change the digest.
+SIGNATURES_NAME = "edgegen.sig"
 TASKS = ("text-generation", "feature-extraction")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 RUNTIMES = ("onnxruntime-genai", "onnxruntime")
@@ -141,6 +145,9 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, str]:
     for rel, entry in files.items():
         if not _is_safe_relpath(rel):
             raise BundleFormatError(f"{mpath}: file path {rel!r} escapes the bundle")
+        if rel == SIGNATURES_NAME:
+            raise BundleFormatError(f"{mpath}: {SIGNATURES_NAME} holds signatures and cannot "
+                                    "be listed in 'files'")
         if not isinstance(entry, dict) or "sha256" not in entry or "size" not in entry:
             raise BundleFormatError(f"{mpath}: files[{rel!r}] needs sha256 and size")
     return manifest, manifest_digest(manifest)
@@ -160,7 +167,7 @@ def verify_files(root: Path, manifest: dict) -> list[str]:
             continue
         if sha256_file(fpath) != entry["sha256"]:
             problems.append(f"{rel}: sha256 mismatch")
-    listed = set(manifest["files"]) | {MANIFEST_NAME}
+    listed = set(manifest["files"]) | {MANIFEST_NAME, SIGNATURES_NAME}
     for fpath in sorted(root.rglob("*")):
         rel = fpath.relative_to(root).as_posix()
         if fpath.is_file() and rel not in listed:
@@ -203,23 +210,26 @@ def find_in_store(store: str | os.PathLike, digest: str) -> Bundle | None:
 
 
 def file_entries(root: Path) -> dict[str, dict]:
-    """sha256 and size of every file under ``root`` except the manifest."""
+    """sha256 and size of every file under ``root`` except the manifest and signatures."""
     entries = {}
     for fpath in sorted(root.rglob("*")):
         rel = fpath.relative_to(root).as_posix()
-        if fpath.is_file() and rel != MANIFEST_NAME:
+        if fpath.is_file() and rel not in (MANIFEST_NAME, SIGNATURES_NAME):
             entries[rel] = {"sha256": sha256_file(fpath), "size": fpath.stat().st_size}
     return entries
 
 
-def write_bundle(staging: str | os.PathLike, manifest: dict, store: str | os.PathLike) -> Bundle:
+def write_bundle(staging: str | os.PathLike, manifest: dict, store: str | os.PathLike, *,
+                 seal: Callable[[Path], object] | None = None) -> Bundle:
     """Seal a staged directory into the store, atomically.
 
     ``staging`` holds the bundle's files; ``manifest`` holds every field except ``files``,
     ``format``, ``created`` and ``edgegen_version``, which are filled in here. The directory
     is renamed into ``<store>/<name>/<digest12>`` in one step, so a reader never sees half a
     bundle and an interrupted export leaves nothing behind in the store. Writing a bundle
-    whose digest already exists returns the existing one.
+    whose digest already exists returns the existing one. ``seal`` (e.g. signing) is called
+    with the bundle's directory once its manifest is written: the staged one before the
+    rename, so the bundle appears in the store already signed, or the existing one.
     """
     from edge_agent.version import VERSION
 
@@ -237,7 +247,11 @@ def write_bundle(staging: str | os.PathLike, manifest: dict, store: str | os.Pat
     dest = Path(store) / full["name"] / digest[:12]
     if dest.exists():
         shutil.rmtree(staging, ignore_errors=True)
+        if seal is not None:
+            seal(dest)
         return open_bundle(dest)
+    if seal is not None:
+        seal(staging)
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, dest)
     return Bundle(path=dest.resolve(), manifest=full, digest=digest)

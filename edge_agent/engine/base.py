@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer
 
-from edge_agent.errors import BundleFormatError
+from edge_agent.errors import BundleFormatError, GenerationError
 
 if TYPE_CHECKING:
     from edge_agent.bundle import Bundle
@@ -54,6 +54,25 @@ class SequenceState:
     generated: list[int] = field(default_factory=list)
 
 
+# What a step gives each sequence: its next token, or the error that ended it alone (its
+# prefill or its sampler failed). An engine raises only for what fails the whole step (the
+# batched forward pass), which ends every sequence in it.
+StepResult = int | GenerationError
+
+
+def step_one(seq: SequenceState, next_token) -> StepResult:
+    """``next_token(seq)``, with a failure confined to this one sequence: the agent's own
+    errors keep their message, anything else is a GenerationError (the caller logs it)."""
+    try:
+        return next_token(seq)
+    except GenerationError as exc:
+        return exc
+    except Exception as exc:  # a runtime's or numpy's error inside one sequence's work
+        error = GenerationError(f"{type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+
+
 class GenerationEngine(ABC):
     """A loaded text-generation model."""
 
@@ -66,8 +85,9 @@ class GenerationEngine(ABC):
         """Allocate a sequence for ``prompt_ids``; the prompt is consumed by the first step."""
 
     @abstractmethod
-    def step(self, seqs: list[SequenceState]) -> list[int]:
-        """Compute the next token of every sequence in ``seqs`` (batched where the engine can)."""
+    def step(self, seqs: list[SequenceState]) -> list[StepResult]:
+        """The next token of every sequence in ``seqs`` (batched where the engine can), or,
+        for a sequence that failed on its own, its error (``step_one``)."""
 
     def release(self, seq: SequenceState) -> None:
         """Free what the engine holds for ``seq`` (KV cache)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_agent.engine.base import SamplingParams, SequenceState
+from edge_agent.engine.base import SamplingParams, SequenceState, StepResult, step_one
 from edge_agent.engine.ort import NUMPY_DTYPES, open_session, run_errors
 from edge_agent.engine.sampling import make_rng, sample
 from edge_agent.errors import GenerationError, ModelLoadError
@@ -96,21 +96,29 @@ class BatchDecoder:
             raise GenerationError("cannot move a sequence that has begun decoding into the batch")
         seq.data = BatchRow(make_rng(seq.params))
 
-    def step(self, seqs: list[SequenceState]) -> list[int]:
-        """The next token of every sequence: decoders in one run, then each newcomer's prefill."""
+    def step(self, seqs: list[SequenceState]) -> list[StepResult]:
+        """The next token of every sequence: decoders in one run, then each newcomer's prefill.
+
+        A failed decode run fails the step; a newcomer's prefill or one row's sampler fails
+        only that sequence."""
         decoding = [s for s in seqs if s.data.index >= 0]
         fresh = [s for s in seqs if s.data.index < 0]
-        tokens: dict[int, int] = {}
-        with run_errors():
-            if decoding:
+        tokens: dict[int, StepResult] = {}
+        if decoding:
+            with run_errors():
                 self._arrange(decoding)
                 logits = self._decode(decoding)
-                for b, seq in enumerate(decoding):
-                    tokens[id(seq)] = sample(logits[b, -1], seq.params, seq.data.rng)
-            for seq in fresh:
-                logits = self._prefill(seq)
-                tokens[id(seq)] = sample(logits[0, -1], seq.params, seq.data.rng)
+            for b, seq in enumerate(decoding):
+                tokens[id(seq)] = step_one(seq, lambda s, row=logits[b, -1]: sample(
+                    row, s.params, s.data.rng))
+        for seq in fresh:
+            tokens[id(seq)] = step_one(seq, self._prefill_and_sample)
         return [tokens[id(s)] for s in seqs]
+
+    def _prefill_and_sample(self, seq: SequenceState) -> int:
+        with run_errors():
+            logits = self._prefill(seq)
+        return sample(logits[0, -1], seq.params, seq.data.rng)
 
     def release(self, seq: SequenceState) -> None:
         row: BatchRow | None = seq.data

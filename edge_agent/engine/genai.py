@@ -27,8 +27,10 @@ from edge_agent.engine.base import (
     GenerationEngine,
     SamplingParams,
     SequenceState,
+    StepResult,
     eos_token_ids,
     load_tokenizer,
+    step_one,
 )
 from edge_agent.engine.batch import BatchDecoder, BatchRow
 from edge_agent.errors import GenerationError, ModelLoadError
@@ -90,8 +92,8 @@ class GenaiEngine(GenerationEngine):
         if not params.greedy:
             options.update(temperature=params.temperature, top_p=params.top_p,
                            top_k=params.top_k or 0)
-            if params.seed is not None:
-                options["random_seed"] = params.seed
+            if params.seed is not None and params.seed >= 0:
+                options["random_seed"] = params.seed & 0x7FFFFFFF  # genai takes a C int
         try:
             gp.set_search_options(**options)
             generator = og.Generator(self.model, gp)
@@ -99,7 +101,7 @@ class GenaiEngine(GenerationEngine):
             raise GenerationError(f"onnxruntime-genai: {exc}") from exc
         return SequenceState(prompt_ids=list(prompt_ids), params=params, data=generator)
 
-    def step(self, seqs: list[SequenceState]) -> list[int]:
+    def step(self, seqs: list[SequenceState]) -> list[StepResult]:
         if not self.batch_enabled or (len(seqs) == 1 and not isinstance(seqs[0].data, BatchRow)):
             return self._step_og(seqs)
         if len(seqs) > 1:
@@ -115,18 +117,20 @@ class GenaiEngine(GenerationEngine):
         tokens.update(zip(map(id, alone), self._step_og(alone)))
         return [tokens[id(s)] for s in seqs]
 
-    def _step_og(self, seqs: list[SequenceState]) -> list[int]:
-        out = []
-        for seq in seqs:
-            generator = seq.data
-            try:
-                if not seq.generated:
-                    generator.append_tokens(seq.prompt_ids)  # prefill: the prompt's logits
-                generator.generate_next_token()
-                out.append(int(generator.get_next_tokens()[0]))
-            except Exception as exc:
-                raise GenerationError(f"onnxruntime-genai: {exc}") from exc
-        return out
+    def _step_og(self, seqs: list[SequenceState]) -> list[StepResult]:
+        """One onnxruntime-genai Generator per sequence: a failure is that sequence's alone."""
+        return [step_one(seq, self._next_og) for seq in seqs]
+
+    @staticmethod
+    def _next_og(seq: SequenceState) -> int:
+        generator = seq.data
+        try:
+            if not seq.generated:
+                generator.append_tokens(seq.prompt_ids)  # prefill: the prompt's logits
+            generator.generate_next_token()
+            return int(generator.get_next_tokens()[0])
+        except Exception as exc:
+            raise GenerationError(f"onnxruntime-genai: {exc}") from exc
 
     def release(self, seq: SequenceState) -> None:
         if isinstance(seq.data, BatchRow):

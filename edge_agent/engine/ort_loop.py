@@ -17,8 +17,10 @@ from edge_agent.engine.base import (
     GenerationEngine,
     SamplingParams,
     SequenceState,
+    StepResult,
     eos_token_ids,
     load_tokenizer,
+    step_one,
 )
 from edge_agent.engine.ort import NUMPY_DTYPES, open_session, run_errors
 from edge_agent.engine.sampling import make_rng, sample
@@ -58,8 +60,9 @@ class OrtEngine(GenerationEngine):
         return SequenceState(prompt_ids=list(prompt_ids), params=params,
                              data=_OrtSeq(past, make_rng(params)))
 
-    def step(self, seqs: list[SequenceState]) -> list[int]:
-        return [self._step_one(seq) for seq in seqs]
+    def step(self, seqs: list[SequenceState]) -> list[StepResult]:
+        """Sequences run one after another, so each one's failure is its own."""
+        return [step_one(seq, self._step_one) for seq in seqs]
 
     def _step_one(self, seq: SequenceState) -> int:
         state: _OrtSeq = seq.data

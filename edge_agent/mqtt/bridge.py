@@ -9,6 +9,11 @@ Reliability: the session is persistent (clean_start false + a session expiry), s
 keeps our subscriptions and queues requests while we are away; paho reconnects with
 exponential backoff and re-sends QoS 1 replies that were published while the link was down.
 A request that was acknowledged before a disconnect is therefore still answered after it.
+
+Trust: the bridge logs in as its own user (``settings.mqtt_username``/``mqtt_password``, or the
+URL's user info; the password never reaches a log line) and answers only on routes of the reply
+namespace (``contract.in_reply_namespace``); a request routed elsewhere is refused, logged once
+per client and counted (``forbidden_reply_route``), as the broker's ACL would drop the reply.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from edge_agent.mqtt.contract import (
     parse_request,
     reply_bytes,
     shared_subscription,
+    valid_node_name,
+    with_credentials,
 )
 from edge_agent.mqtt.metrics import MqttMetrics
 from edge_agent.mqtt.transport import make_client
@@ -47,6 +54,8 @@ log = logging.getLogger(__name__)
 KEEPALIVE_S = 30
 SESSION_EXPIRY_S = 3600      # how long the broker keeps our session (and queues) while we are away
 _REFUSED_AUTH = {"Bad user name or password", "Not authorized"}
+AUTH_HINT = (" (check the user name and password: --mqtt-username, --mqtt-password-file or "
+             "EDGEGEN_MQTT_PASSWORD, or the user info of the broker URL)")
 
 
 def _status_of(result: ErrorResult) -> str:
@@ -90,7 +99,11 @@ class MqttBridge:
         self.serving = serving
         self.metrics = metrics or MqttMetrics(
             getattr(getattr(serving, "metrics", None), "registry", None))
-        self.broker = parse_broker_url(settings.mqtt)
+        if not valid_node_name(settings.node):
+            raise MqttConfigError(f"node name {settings.node!r} cannot be an MQTT topic level "
+                                  "(no '/', '+', '#', and not 'reply')")
+        self.broker = with_credentials(parse_broker_url(settings.mqtt), settings.mqtt_username,
+                                       settings.mqtt_password)
         self.session_expiry = session_expiry
         self.reconnect_delay = reconnect_delay
         self.client_id = f"edgegen-agent-{settings.node}"
@@ -102,6 +115,7 @@ class MqttBridge:
         self._acked_early: set[int] = set()  # PUBACKs that beat publish() returning
         self._acks = threading.Lock()
         self._no_route_seen = FirstSeen()
+        self._forbidden_seen = FirstSeen()
         self._last_refusal: str | None = None
         self._connected = False
         self._subscribed = False
@@ -180,8 +194,7 @@ class MqttBridge:
             reason = str(reason_code)
             if reason != self._last_refusal:      # once per reason, not once per retry
                 self._last_refusal = reason
-                hint = (" (check the user name and password in the broker URL)"
-                        if reason in _REFUSED_AUTH else "")
+                hint = AUTH_HINT if reason in _REFUSED_AUTH else ""
                 log.error(f"MQTT broker {self.broker.redacted()} refused the connection: "
                           f"{reason}{hint}",
                           extra={"broker": self.broker.redacted(), "reason": reason})
@@ -247,6 +260,17 @@ class MqttBridge:
 
     def _dispatch(self, parsed: ChatRequest | RejectedRequest, topic: str,
                   sender: str | None) -> None:
+        if isinstance(parsed, RejectedRequest) and parsed.refused_route is not None:
+            self.metrics.count("forbidden_reply_route")
+            client = sender or parsed.refused_route
+            if self._forbidden_seen.first(client):
+                log.warning(
+                    "MQTT request refused: its reply route lies outside the reply namespace "
+                    "edgegen/v1/reply/<client id>, where the broker lets no agent publish; "
+                    "further ones from this client are only counted",
+                    extra={"topic": topic, "sender": sender,
+                           "reply_route": parsed.refused_route[:200]})
+            return
         if parsed.reply is None:
             self.metrics.count("no_reply_route")
             if self._no_route_seen.first((topic, sender)):

@@ -6,22 +6,32 @@ Contract (DESIGN.md): requests on ``edgegen/v1/<node>/chat`` or the shared
 ``$share/edgegen/edgegen/v1/any/chat``; replies go to the MQTT v5 Response Topic with its
 Correlation Data, or, for MQTT 3.1.1 clients, to ``reply_to`` with ``correlation_id`` taken
 from (and echoed back in) the JSON body.
+
+Trust (the broker's ACL, ``broker_acl``): a reply route must lie in the reply namespace,
+``edgegen/v1/reply/<client id>``, the one topic the requesting device (and nobody else) may
+read; agents (user ``edgegen-agent``) alone may publish there. A route elsewhere is refused:
+the broker would drop the agent's publish without a word.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from edge_agent.errors import MqttConfigError
-from edge_agent.serving.protocol import error_body
+from edge_agent.serving.bodies import decode_json
+from edge_agent.serving.protocol import ErrorResult, error_body
 
 TOPIC_PREFIX = "edgegen/v1"
 SHARE_GROUP = "edgegen"
 ANY_NODE = "any"
 BODY_ROUTE_FIELDS = ("reply_to", "correlation_id")
+REPLY_PREFIX = f"{TOPIC_PREFIX}/reply"
+AGENT_USER = "edgegen-agent"      # the broker user of every agent (ACL: ``broker_acl``)
+DEVICE_USER = "edgegen-device"    # the broker user `edgegen up` and the K3s Secret give devices
 
 
 def node_topic(node: str) -> str:
@@ -41,6 +51,53 @@ def shared_subscription() -> str:
 
 def request_topic(node: str | None) -> str:
     return node_topic(node) if node else shared_topic()
+
+
+def valid_node_name(node: str) -> bool:
+    """A node name that makes a request topic of its own: one topic level, no wildcard, and
+    not ``reply`` (``edgegen/v1/reply/chat`` is in the reply namespace)."""
+    return bool(node) and node != "reply" and not any(c in node for c in "/+#\x00")
+
+
+def reply_topic(client_id: str) -> str:
+    """The one topic a device reads its replies on (MQTT v5 Response Topic, 3.1.1 reply_to)."""
+    return f"{REPLY_PREFIX}/{client_id}"
+
+
+def in_reply_namespace(topic: Any) -> bool:
+    """Whether agents may publish a reply to ``topic`` (ACL: ``broker_acl``):
+    ``edgegen/v1/reply/<client id>``, a topic name without wildcards. ``edgegen/v1/reply/chat``
+    is excluded: it is also the request topic of a node named ``reply``."""
+    return (
+        valid_publish_topic(topic) and topic.startswith(REPLY_PREFIX + "/")
+        and len(topic) > len(REPLY_PREFIX) + 1 and topic != node_topic("reply")
+    )
+
+
+def broker_acl() -> str:
+    """Mosquitto's ``acl_file`` for an edge broker (K3s manifests, `edgegen up`, the tests).
+
+    Pattern lines apply to every client, anonymous ones included where they are allowed:
+    ask on any request topic, read only the reply topic named by one's own client id (``%c``:
+    an exact topic, not ``/#``, so a client id ``a`` cannot read the replies of ``a/b``;
+    Mosquitto refuses pattern matches for client ids holding ``+`` or ``#``). Agents, by their
+    user, read the request topics (their node's and, through ``$share/edgegen/``, the shared
+    one) and alone write replies. Nothing else is granted: no client reads another's replies,
+    nor any request but an agent.
+    """
+    return (
+        "# edgegen edge broker ACL (README: MQTT ACL contract)\n"
+        "# Every client: ask, and read the replies addressed to its own client id.\n"
+        f"pattern write {TOPIC_PREFIX}/+/chat\n"
+        f"pattern read {REPLY_PREFIX}/%c\n"
+        f"# {node_topic('reply')} is a request topic and a reply topic at once: nobody's.\n"
+        "# (Mosquitto warns that this pattern holds no %c or %u; that is intended.)\n"
+        f"pattern deny {node_topic('reply')}\n"
+        "# Agents: read every request topic (their node's, the shared group's), write replies.\n"
+        f"user {AGENT_USER}\n"
+        f"topic read {TOPIC_PREFIX}/+/chat\n"
+        f"topic write {REPLY_PREFIX}/#\n"
+    )
 
 
 def valid_publish_topic(topic: Any) -> bool:
@@ -67,6 +124,21 @@ class BrokerAddress:
         """The URL for logs: never the password."""
         user = f"{self.username}@" if self.username else ""
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+def with_credentials(broker: BrokerAddress, username: str | None,
+                     password: str | None) -> BrokerAddress:
+    """``broker`` with the user name and password given apart from its URL (flags, a password
+    file, the environment): they win over the URL's own; a password needs a user name."""
+    if username is not None and not username:
+        raise MqttConfigError("the MQTT user name is empty")
+    user = username if username is not None else broker.username
+    secret = password if password is not None else (
+        broker.password if user == broker.username else None)
+    if secret is not None and user is None:
+        raise MqttConfigError(f"an MQTT password was given for {broker.redacted()} but no user "
+                              "name: add --mqtt-username (or user@ in the URL)")
+    return replace(broker, username=user, password=secret)
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
@@ -117,11 +189,16 @@ class ChatRequest:
 
 @dataclass(frozen=True)
 class RejectedRequest:
-    """A message that is not a servable request; answer ``error`` if ``reply`` is known."""
+    """A message that is not a servable request; answer ``error`` if ``reply`` is known.
+
+    ``refused_route`` is the reply topic the request asked for when it lies outside the reply
+    namespace (``code`` ``reply_route_forbidden``): nobody is answered, the agent counts it.
+    """
 
     error: dict
     reply: ReplyRoute | None
     code: str
+    refused_route: str | None = None
 
 
 def error_payload(status: int, message: str, code: str, *, param: str | None = None) -> dict:
@@ -130,35 +207,76 @@ def error_payload(status: int, message: str, code: str, *, param: str | None = N
     return error_body(status, message, param=param, code=code)
 
 
+# An oversize or undecodable 3.1.1 payload is never parsed, but its sender still deserves an
+# answer: its route is looked for in the raw bytes, in the first and the last SCAN_WINDOW bytes
+# only (where JSON writers put the fields they add: first, or last as `{**body, "reply_to": …}`
+# does). Only a plain string value (no escapes) that is a topic of the reply namespace is
+# trusted, and the correlation id only as a plain string or an integer.
+SCAN_WINDOW = 64 * 1024
+_SCANNED_REPLY_TO = re.compile(rb'"reply_to"[ \t\r\n]*:[ \t\r\n]*"([^"\\]{1,1024})"')
+_SCANNED_CORRELATION = re.compile(
+    rb'"correlation_id"[ \t\r\n]*:[ \t\r\n]*(?:"([^"\\]{0,1024})"|(-?[0-9]{1,18})(?![0-9.eE]))')
+
+
+def scan_reply_route(payload: bytes) -> ReplyRoute | None:
+    """The 3.1.1 reply route of a payload that is not parsed (too large, or not decodable),
+    found by a bounded scan of its bytes; None if no trustworthy one is there."""
+    windows = ([payload] if len(payload) <= 2 * SCAN_WINDOW
+               else [payload[:SCAN_WINDOW], payload[-SCAN_WINDOW:]])
+    topic = correlation = None
+    for window in windows:
+        match = _SCANNED_REPLY_TO.search(window)
+        if match is not None:
+            try:
+                topic = match.group(1).decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+            break
+    if topic is None or not in_reply_namespace(topic):
+        return None
+    for window in windows:
+        match = _SCANNED_CORRELATION.search(window)
+        if match is not None:
+            text, number = match.groups()
+            try:
+                correlation = text.decode("utf-8") if text is not None else int(number)
+            except UnicodeDecodeError:
+                correlation = None
+            break
+    return ReplyRoute(topic, correlation, in_body=True)
+
+
 def parse_request(payload: bytes, *, response_topic: str | None = None,
                   correlation_data: bytes | None = None,
                   max_payload: int) -> ChatRequest | RejectedRequest:
     """Turn one received message into a chat request, or a rejection with its reply route.
 
-    A v5 Response Topic wins over body fields. Payloads over ``max_payload`` are not parsed at
-    all, so only a v5 client (whose route is in the properties) hears about them.
+    A v5 Response Topic wins over body fields. The payload is read with REST's own
+    ``decode_json`` (UTF-8, JSON without NaN, nesting depth, no lone surrogates), so a device
+    gets the error a REST client gets. Payloads over ``max_payload`` are not parsed at all;
+    like undecodable ones, a 3.1.1 sender's route is then looked for by ``scan_reply_route``.
+    A route outside the reply namespace is refused (``reply_route_forbidden``, no reply).
     """
-    reply = ReplyRoute(response_topic, correlation_data) if response_topic else None
+    v5 = ReplyRoute(response_topic, correlation_data) if response_topic else None
 
-    def reject(message: str, code: str, param: str | None = None, *,
-               status: int = 400) -> RejectedRequest:
-        return RejectedRequest(error_payload(status, message, code, param=param), reply, code)
+    def reject(reply: ReplyRoute | None, status: int, message: str, code: str,
+               param: str | None = None) -> RejectedRequest:
+        return _routed(RejectedRequest(error_payload(status, message, code, param=param),
+                                       reply, code))
 
     if len(payload) > max_payload:
-        return reject(f"payload of {len(payload)} bytes is over this agent's limit of "
-                      f"{max_payload} bytes", "payload_too_large", status=413)
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return reject(f"payload is not valid UTF-8 (byte {exc.start})", "invalid_utf8")
-    try:
-        body = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        return reject(f"payload is not valid JSON: {exc}", "invalid_json")
+        return reject(v5 or scan_reply_route(payload), 413,
+                      f"payload of {len(payload)} bytes is over this agent's limit of "
+                      f"{max_payload} bytes", "payload_too_large")
+    body = decode_json(payload)
+    if isinstance(body, ErrorResult):
+        return _routed(RejectedRequest(body.body, v5 or scan_reply_route(payload),
+                                       body.body["error"]["code"] or "invalid_json"))
     if not isinstance(body, dict):
-        return reject("payload must be a JSON object (an OpenAI chat completion request)",
-                      "not_a_chat_request")
+        return reject(v5, 400, "payload must be a JSON object (an OpenAI chat completion "
+                      "request)", "not_a_chat_request")
 
+    reply = v5
     if reply is None and "reply_to" in body:
         if not valid_publish_topic(body["reply_to"]):
             # No usable route: nobody can be told, the caller counts it.
@@ -174,9 +292,26 @@ def parse_request(payload: bytes, *, response_topic: str | None = None,
         body.pop(key, None)
 
     if not isinstance(body.get("messages"), list):
-        return reject("not a chat completion request: 'messages' must be a list of messages",
-                      "not_a_chat_request", "messages")
+        return reject(reply, 400, "not a chat completion request: 'messages' must be a list "
+                      "of messages", "not_a_chat_request", "messages")
+    if reply is not None and not in_reply_namespace(reply.topic):
+        return _forbidden(reply)
     return ChatRequest(body, reply)
+
+
+def _routed(rejected: RejectedRequest) -> RejectedRequest:
+    """A rejection whose route lies outside the reply namespace cannot be answered either."""
+    if rejected.reply is not None and not in_reply_namespace(rejected.reply.topic):
+        return _forbidden(rejected.reply)
+    return rejected
+
+
+def _forbidden(route: ReplyRoute) -> RejectedRequest:
+    param = "reply_to" if route.in_body else None
+    return RejectedRequest(
+        error_payload(403, f"replies may only go to {REPLY_PREFIX}/<client id>",
+                      "reply_route_forbidden", param=param),
+        None, "reply_route_forbidden", refused_route=route.topic)
 
 
 def reply_bytes(message: dict, route: ReplyRoute) -> bytes:

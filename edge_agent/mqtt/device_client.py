@@ -3,7 +3,8 @@
 It owns the device's connection to the broker (paho) and translates paho's failures into
 ``MqttError``s. Requests carry their reply route as MQTT v5 properties (Response Topic +
 Correlation Data), or, with ``v311=True``, as ``reply_to``/``correlation_id`` in the JSON body.
-Replies for every request arrive on one topic per client and are sorted by correlation id.
+Replies for every request arrive on one topic per client, ``edgegen/v1/reply/<client id>``
+(the only one the broker's ACL lets this client read), and are sorted by correlation id.
 """
 
 from __future__ import annotations
@@ -21,11 +22,19 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.errors import (
+    MqttConfigError,
     MqttConnectError,
     MqttReplyError,
     MqttTimeout,
 )
-from edge_agent.mqtt.contract import TOPIC_PREFIX, is_final, parse_broker_url, request_topic
+from edge_agent.mqtt.contract import (
+    in_reply_namespace,
+    is_final,
+    parse_broker_url,
+    reply_topic,
+    request_topic,
+    with_credentials,
+)
 from edge_agent.mqtt.transport import make_client
 
 log = logging.getLogger(__name__)
@@ -37,15 +46,20 @@ class MqttChatClient:
 
     ``session_expiry`` > 0 keeps the session (and the reply subscription) on the broker across
     reconnects, so replies sent while the link was down are delivered afterwards.
+    ``username``/``password`` win over the broker URL's user info (which ``ps`` shows).
     """
 
     def __init__(self, broker: str, *, ca_file: str | None = None, v311: bool = False,
                  client_id: str | None = None, session_expiry: int = 0,
-                 connect_timeout: float = 10.0):
-        self.broker = parse_broker_url(broker)
+                 connect_timeout: float = 10.0, username: str | None = None,
+                 password: str | None = None):
+        self.broker = with_credentials(parse_broker_url(broker), username, password)
         self.v311 = v311
         self.client_id = client_id or f"edgegen-device-{uuid.uuid4().hex[:12]}"
-        self.reply_topic = f"{TOPIC_PREFIX}/reply/{self.client_id}"
+        self.reply_topic = reply_topic(self.client_id)
+        if not in_reply_namespace(self.reply_topic) or any(c in self.client_id for c in "+#"):
+            raise MqttConfigError(f"client id {self.client_id!r} cannot name a reply topic "
+                                  "(no '+' or '#', and not 'chat')")
         self.connect_timeout = connect_timeout
         persistent = session_expiry > 0
         self._client = make_client(self.broker, self.client_id, ca_file=ca_file, v311=v311,
@@ -79,8 +93,11 @@ class MqttChatClient:
             self._client.disconnect()
             self._client.loop_stop()
             reason = self._refused or f"no answer within {self.connect_timeout:g}s"
+            hint = (" (check the user name and password: --mqtt-username, "
+                    "--mqtt-password-file or EDGEGEN_MQTT_PASSWORD)"
+                    if reason in ("Not authorized", "Bad user name or password") else "")
             raise MqttConnectError(
-                f"MQTT broker {self.broker.redacted()} refused the connection: {reason}")
+                f"MQTT broker {self.broker.redacted()} refused the connection: {reason}{hint}")
         return self
 
     def close(self) -> None:
@@ -154,6 +171,9 @@ class MqttChatClient:
         client.subscribe(self.reply_topic, qos=1)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:     # a broker that checks subscriptions against its ACL says so here
+            self._refused = f"subscription to {self.reply_topic} refused ({', '.join(refused)})"
         self._ready.set()
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 # ok | bad_request (malformed, not a chat request, too large, refused by serving) |
-# rate_limited (the shared queue was full) | no_reply_route (nobody to answer) | error (ours)
-STATUSES = ("ok", "bad_request", "rate_limited", "no_reply_route", "error")
+# rate_limited (the shared queue was full) | no_reply_route (nobody to answer) |
+# forbidden_reply_route (a reply route outside edgegen/v1/reply/<client id>) | error (ours)
+STATUSES = ("ok", "bad_request", "rate_limited", "no_reply_route", "forbidden_reply_route",
+            "error")
 
 
 class MqttMetrics:

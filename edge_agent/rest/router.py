@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_agent.serving.api import OpenAIServing
 from edge_agent.serving.generation import ChunkStream
+from edge_agent.serving.bodies import decode_json
 from edge_agent.serving.protocol import ErrorResult, error
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,8 @@ def openai_http_errors(app: FastAPI) -> None:
 
 
 async def _body(request: Request) -> dict | ErrorResult:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return error(400, f"the request body is not valid JSON: {exc}", code="invalid_json")
+    """The JSON body (its size already bounded by ``limits.BodyLimit``), or a 400."""
+    return decode_json(await request.body())
 
 
 def _error_response(err: ErrorResult) -> JSONResponse:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from edge_agent.serving.generation import GenerationServing, Result
+from edge_agent.serving.generation import GenerationServing, Result, off_loop_if_large
 from edge_agent.serving.protocol import ChatCompletionRequest, ErrorResult, error
 from edge_agent.text.chat_template import TemplateError
 
@@ -28,8 +28,13 @@ class ChatServing(GenerationServing):
                          "/v1/completions", param="messages")
         try:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            text = model.template.render(messages, add_generation_prompt=True)
+            chars = sum(len(m["content"]) for m in messages)
+            prompt_ids = await off_loop_if_large(chars, _prompt_ids, model, messages)
         except (ValueError, TemplateError) as exc:
             return error(400, f"invalid messages: {exc}", param="messages")
-        prompt_ids = model.engine.tokenizer.encode(text, add_special_tokens=False).ids
         return await self._run(req, model, prompt_ids, started, source)
+
+
+def _prompt_ids(model, messages: list[dict]) -> list[int]:
+    text = model.template.render(messages, add_generation_prompt=True)
+    return model.engine.tokenizer.encode(text, add_special_tokens=False).ids

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from edge_agent.serving.generation import GenerationServing, Result
+from edge_agent.serving.generation import GenerationServing, Result, off_loop_if_large
 from edge_agent.serving.protocol import CompletionRequest, ErrorResult, error
 
 COMPLETIONS = "/v1/completions"
@@ -29,5 +29,9 @@ class CompletionServing(GenerationServing):
             prompt_ids = list(prompt)
         else:
             text = prompt[0] if isinstance(prompt, list) else prompt
-            prompt_ids = model.engine.tokenizer.encode(text, add_special_tokens=True).ids
+            prompt_ids = await off_loop_if_large(len(text), _prompt_ids, model, text)
         return await self._run(req, model, prompt_ids, started, source)
+
+
+def _prompt_ids(model, text: str) -> list[int]:
+    return model.engine.tokenizer.encode(text, add_special_tokens=True).ids  # BOS, as HF does

@@ -9,7 +9,12 @@ import time
 from typing import Any
 
 from edge_agent.metrics import AgentMetrics
-from edge_agent.serving.generation import parse_body, queue_full, unknown_model
+from edge_agent.serving.generation import (
+    off_loop_if_large,
+    parse_body,
+    queue_full,
+    unknown_model,
+)
 from edge_agent.serving.lifecycle import ModelHost
 from edge_agent.serving.protocol import (
     EmbeddingData,
@@ -44,8 +49,9 @@ class EmbeddingServing:
         if req.model and req.model != model.bundle.name:
             return unknown_model(req.model, model.bundle.name)
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
-        for i, t in enumerate(texts):
-            n = model.engine.count_tokens(t)
+        counts = await off_loop_if_large(sum(map(len, texts)), _count_tokens, model.engine,
+                                         texts)
+        for i, n in enumerate(counts):
             if n > model.engine.context_length:
                 return error(400, f"input[{i}] has {n} tokens; the model's context length is "
                              f"{model.engine.context_length}", param="input",
@@ -68,3 +74,7 @@ class EmbeddingServing:
             model=model.bundle.name,
             data=[EmbeddingData(index=i, embedding=e) for i, e in enumerate(data)],
             usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)).model_dump()
+
+
+def _count_tokens(engine, texts: list[str]) -> list[int]:
+    return [engine.count_tokens(t) for t in texts]

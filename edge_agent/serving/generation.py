@@ -16,6 +16,7 @@ iterator (``aclose``) cancels the generation and frees its slot.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -50,6 +51,18 @@ from edge_agent.text.detokenizer import IncrementalDetokenizer
 log = logging.getLogger(__name__)
 
 Result = ErrorResult | dict | AsyncIterator[dict]
+
+
+# Text longer than this is rendered and tokenized in a worker thread: a long prompt must not
+# hold the event loop (health checks, other streams) while it is read.
+LARGE_TEXT_CHARS = 16 * 1024
+
+
+async def off_loop_if_large(chars: int, fn, *args):
+    """``fn(*args)``, in a worker thread when the text it reads is large."""
+    if chars > LARGE_TEXT_CHARS:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 def unknown_model(asked: str, served: str) -> ErrorResult:

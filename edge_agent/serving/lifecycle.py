@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.bundle import Bundle, open_bundle
+from edge_agent.bundle import Bundle
+from edge_agent.bundle.signing import load_trust, open_trusted
 from edge_agent.engine.loader import load_engine
 from edge_agent.errors import AgentError
 from edge_agent.metrics import AgentMetrics
@@ -103,6 +104,7 @@ class ModelHost:
         self.draining = asyncio.Event()
         self._swap_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()   # referenced until done (asyncio keeps weak refs)
+        self.trust = load_trust(settings.trust_keys)  # None: bundles are not signature-checked
         metrics.set_bundle(model.bundle.name, model.bundle.digest12, model.bundle.precision)
         metrics.queue_depth.set_function(lambda: self.model.queue_depth)
         metrics.inflight.set_function(lambda: self.model.inflight)
@@ -130,11 +132,12 @@ class ModelHost:
     async def swap(self, path: str) -> ErrorResult | Bundle:
         """Load the bundle at ``path`` beside the current one, swap, drain and free the old.
 
-        A bundle that fails verification or loading is refused; the current one keeps serving.
+        A bundle that fails verification, the trust policy (``--trust-key``: signed by a
+        trusted key) or loading is refused; the current one keeps serving.
         """
         async with self._swap_lock:
             try:
-                bundle = await asyncio.to_thread(open_bundle, path)
+                bundle = await asyncio.to_thread(open_trusted, path, self.trust)
                 if bundle.task != self.model.bundle.task:
                     return error(400, f"bundle {bundle.name} is a {bundle.task} model; this agent "
                                  f"serves {self.model.bundle.task}", param="path")

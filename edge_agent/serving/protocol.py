@@ -79,28 +79,45 @@ def error(status: int, message: str, *, param: str | None = None, code: str | No
                        headers or {})
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_type_tag(part) -> bool:
+    """pydantic names the union member that failed in ``loc`` (``prompt.str``,
+    ``stop.list[str]``); a client's parameter path has no such part."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
+
+
 def validation_error(exc: ValidationError) -> ErrorResult:
     """A pydantic error as a 400 naming the first bad parameter."""
     first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    param = ".".join(str(p) for p in first["loc"] if not _is_type_tag(p)) or None
     msg = first["msg"].removeprefix("Value error, ")
     return error(400, f"invalid parameter {param}: {msg}" if param else msg, param=param,
                  code="invalid_value")
 
 
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Unknown fields are accepted and ignored, as OpenAI does; numbers must be finite (JSON
+    # has no NaN, but 1e999 parses as infinity) and within the ranges below (400 otherwise).
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
-    seed: int | None = None
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
+    # OpenAI's seed is a 64-bit integer. A negative seed means "no seed" (a random one), as
+    # -1 does in llama.cpp and the tools built on it.
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: Any = None
     user: str | None = None
     ignore_eos: bool = False
@@ -168,7 +185,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -200,7 +217,7 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str] = Field(...)
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: int | None = Field(default=None, ge=1, le=INT32_MAX)
 
     @field_validator("input")
     @classmethod

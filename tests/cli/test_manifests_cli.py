@@ -32,6 +32,20 @@ def test_render_writes_a_folder(fake_bundle, tmp_path):
     assert (tmp_path / "out" / "kustomization.yaml").exists()
 
 
+def test_the_broker_is_locked_unless_anonymous_devices_are_opted_in(fake_bundle):
+    def mosquitto_conf(*extra) -> str:
+        r = runner.invoke(app, ["deploy", str(fake_bundle.path), "--dry-run", "--bundle-url",
+                                "https://b.example/x/", *extra])
+        assert r.exit_code == 0, r.output
+        docs = list(yaml.safe_load_all(r.output))
+        cm = next(d for d in docs if d["kind"] == "ConfigMap" and "mosquitto.conf" in
+                  d.get("data", {}))
+        return cm["data"]["mosquitto.conf"]
+
+    assert "allow_anonymous false" in mosquitto_conf()
+    assert "allow_anonymous true" in mosquitto_conf("--mqtt-anonymous")
+
+
 def test_k3s_needs_a_url_the_cluster_can_reach(fake_bundle):
     r = runner.invoke(app, ["deploy", str(fake_bundle.path), "--dry-run"])
     assert r.exit_code != 0

@@ -10,15 +10,19 @@ from tests.support.procs import EdgegenProcess, free_port, wait_http
 
 
 def start_registry(log_dir: Path, port: int | None = None, data_dir: Path | None = None,
-                   name: str = "registry", min_deregister_after: float = 0.0
+                   name: str = "registry", min_deregister_after: float = 0.0,
+                   acl_file: Path | None = None, debug: bool = False
                    ) -> tuple[EdgegenProcess, str]:
     """`edgegen registry` on ``port`` (a free one by default); returns it and its URL once
-    /v1/status/leader answers."""
+    /v1/status/leader answers. ``acl_file`` turns Consul's ACLs on; ``debug`` logs every
+    request (uvicorn's access log)."""
     port = port or free_port()
-    args = ["--log-level", "info", "registry", "--port", str(port),
-            "--min-deregister-after", str(min_deregister_after)]
+    args = ["--debug" if debug else "--log-level", *([] if debug else ["info"]), "registry",
+            "--port", str(port), "--min-deregister-after", str(min_deregister_after)]
     if data_dir is not None:
         args += ["--data-dir", str(data_dir)]
+    if acl_file is not None:
+        args += ["--acl-file", str(acl_file)]
     proc = EdgegenProcess(args, log_dir, name)
     url = f"http://127.0.0.1:{port}"
     try:

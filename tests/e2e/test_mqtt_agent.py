@@ -1,7 +1,9 @@
-"""Real `edgegen agent --mqtt` processes on the tiny genai bundle and a real Mosquitto: devices
-over MQTT v5 and 3.1.1 (the project's client, `edgegen mqtt chat`, Debian's mosquitto_pub and
-mosquitto_sub), the shared subscription splitting load between two agents, the queue shared
-with REST, malformed input, a broker restart, password auth."""
+"""Real `edgegen agent --mqtt` processes on the tiny genai bundle and a real Mosquitto, locked
+as edgegen ships it (rendered password file and ACL; the agents log in as edgegen-agent with
+the password in their environment, devices as edgegen-device): devices over MQTT v5 and 3.1.1
+(the project's client, `edgegen mqtt chat`, Debian's mosquitto_pub and mosquitto_sub), the
+shared subscription splitting load between two agents, the queue shared with REST, malformed
+input, a broker restart, password auth and where the password never shows."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import paho.mqtt.client as paho
@@ -21,8 +24,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.errors import MqttConnectError
+from edge_agent.mqtt.contract import AGENT_USER, DEVICE_USER, answer_text, reply_topic
 from edge_agent.mqtt.device_client import MqttChatClient
-from edge_agent.mqtt.contract import answer_text
 from tests.e2e.agent_support import start_agent
 from tests.support.mosquitto import Mosquitto
 from tests.support.procs import REPO
@@ -61,14 +64,31 @@ def wait_mqtt_connected(agent, timeout: float = 60.0) -> None:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    with Mosquitto(tmp_path_factory.mktemp("mosquitto")) as b:
+    with Mosquitto(tmp_path_factory.mktemp("mosquitto"), locked=True) as b:
         yield b
+
+
+def start_mqtt_agent(bundle, log_dir, name: str, broker: Mosquitto, *extra: str):
+    """An agent of ``broker``, its password in the environment as the manifests give it."""
+    return start_agent(bundle, log_dir, name, "--mqtt", broker.url, "--mqtt-username",
+                       AGENT_USER, *extra,
+                       env={"EDGEGEN_MQTT_PASSWORD": broker.creds.agent_password()})
+
+
+def device_cli_login(broker: Mosquitto) -> list[str]:
+    return ["--mqtt-username", DEVICE_USER, "--mqtt-password-file",
+            str(broker.creds.device_password_file)]
+
+
+def mosquitto_login(broker: Mosquitto, client_id: str) -> list[str]:
+    """mosquitto_pub/sub options of a device (tests only: -P puts the password in argv)."""
+    return ["-u", DEVICE_USER, "-P", broker.creds.device_password(), "-i", client_id]
 
 
 @pytest.fixture(scope="module")
 def agent(tiny_genai_bundle, broker, tmp_path_factory):
-    a = start_agent(tiny_genai_bundle.path, tmp_path_factory.mktemp("mqtt-agent"), "mq1",
-                    "--mqtt", broker.url)
+    a = start_mqtt_agent(tiny_genai_bundle.path, tmp_path_factory.mktemp("mqtt-agent"), "mq1",
+                         broker)
     wait_mqtt_connected(a)
     yield a
     assert a.stop() == 0
@@ -76,7 +96,7 @@ def agent(tiny_genai_bundle, broker, tmp_path_factory):
 
 @pytest.fixture()
 def device(broker, agent):
-    with MqttChatClient(broker.url) as c:
+    with MqttChatClient(broker.url, **broker.device_login()) as c:
         yield c
 
 
@@ -111,7 +131,7 @@ def test_v5_non_streaming_and_shared_topic(agent, device):
 
 def test_v311_device_with_body_fields(agent, broker):
     body = chat_body("Count to three")
-    with MqttChatClient(broker.url, v311=True) as c:
+    with MqttChatClient(broker.url, v311=True, **broker.device_login()) as c:
         replies = list(c.chat({**body, "stream": True}, node="mq1", timeout=120))
     assert "".join(answer_text(r) for r in replies) == rest_answer(agent, body)
     assert replies[-1]["usage"]
@@ -119,15 +139,18 @@ def test_v311_device_with_body_fields(agent, broker):
 
 def test_mosquitto_pub_and_sub_v311_body_route(agent, broker):
     """Debian's clients speaking 3.1.1: the route and correlation id travel in the JSON."""
-    topic = f"dev/{uuid.uuid4().hex}"
+    sub_id = f"sub311-{uuid.uuid4().hex[:8]}"
+    topic = reply_topic(sub_id)
     sub = subprocess.Popen(["mosquitto_sub", "-V", "311", "-h", "127.0.0.1", "-p",
-                            str(broker.port), "-q", "1", "-t", topic, "-C", "1", "-W", "120"],
+                            str(broker.port), *mosquitto_login(broker, sub_id), "-q", "1",
+                            "-t", topic, "-C", "1", "-W", "120"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: topic in broker.log(), 30, "mosquitto_sub's subscription")
         body = {**chat_body("Hi"), "reply_to": topic, "correlation_id": "c-311"}
         subprocess.run(["mosquitto_pub", "-V", "311", "-h", "127.0.0.1", "-p",
-                        str(broker.port), "-q", "1", "-t", "edgegen/v1/mq1/chat",
+                        str(broker.port), *mosquitto_login(broker, f"pub-{sub_id}"),
+                        "-q", "1", "-t", "edgegen/v1/mq1/chat",
                         "-m", json.dumps(body)], check=True, timeout=30)
         out, _ = sub.communicate(timeout=150)
     finally:
@@ -137,14 +160,16 @@ def test_mosquitto_pub_and_sub_v311_body_route(agent, broker):
 
 
 def test_mosquitto_pub_and_sub_v5_properties(agent, broker):
-    topic = f"dev/{uuid.uuid4().hex}"
+    sub_id = f"sub5-{uuid.uuid4().hex[:8]}"
+    topic = reply_topic(sub_id)
     sub = subprocess.Popen(["mosquitto_sub", "-V", "5", "-h", "127.0.0.1", "-p",
-                            str(broker.port), "-q", "1", "-t", topic, "-C", "1", "-W", "120",
-                            "-F", "%D|%p"],
+                            str(broker.port), *mosquitto_login(broker, sub_id), "-q", "1",
+                            "-t", topic, "-C", "1", "-W", "120", "-F", "%D|%p"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: topic in broker.log(), 30, "mosquitto_sub's subscription")
         subprocess.run(["mosquitto_pub", "-V", "5", "-h", "127.0.0.1", "-p", str(broker.port),
+                        *mosquitto_login(broker, f"pub-{sub_id}"),
                         "-q", "1", "-t", "edgegen/v1/mq1/chat", "-m", json.dumps(chat_body("Hi")),
                         "-D", "publish", "response-topic", topic,
                         "-D", "publish", "correlation-data", "corr-5"], check=True, timeout=30)
@@ -160,7 +185,8 @@ def test_cli_chat_streams_the_answer(agent, broker):
     body = chat_body("Say something")
     expected = rest_answer(agent, body)
     r = subprocess.run([sys.executable, "-m", "cli.main", "mqtt", "chat", "Say something",
-                        "--broker", broker.url, "--node", "mq1", "--max-tokens", "24",
+                        "--broker", broker.url, *device_cli_login(broker), "--node", "mq1",
+                        "--max-tokens", "24",
                         "--temperature", "0", "--usage"],
                        cwd=REPO, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
@@ -170,15 +196,18 @@ def test_cli_chat_streams_the_answer(agent, broker):
 
 def test_cli_reports_an_agent_error(agent, broker):
     r = subprocess.run([sys.executable, "-m", "cli.main", "mqtt", "chat", "x", "--broker",
-                        broker.url, "--node", "mq1", "--model", "no-such-model"],
+                        broker.url, *device_cli_login(broker), "--node", "mq1", "--model",
+                        "no-such-model"],
                        cwd=REPO, capture_output=True, text=True, timeout=180)
     assert r.returncode == 1 and "no-such-model" in r.stderr, r.stderr
 
 
 def test_200_malformed_messages_then_a_good_one(agent, broker):
     got: dict[bytes, dict] = {}
-    topic = f"raw/{uuid.uuid4().hex}"
-    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client_id = f"raw-{uuid.uuid4().hex[:12]}"
+    topic = reply_topic(client_id)
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    c.username_pw_set(DEVICE_USER, broker.creds.device_password())
     subscribed = threading.Event()
     c.on_message = lambda cl, u, m: got.__setitem__(m.properties.CorrelationData,
                                                     json.loads(m.payload))
@@ -215,11 +244,11 @@ def test_200_malformed_messages_then_a_good_one(agent, broker):
 
 def test_full_queue_answers_rate_limited(tiny_genai_bundle, broker, tmp_path):
     """MQTT shares the agent's queue: one slot, no waiting room, a burst of requests."""
-    a = start_agent(tiny_genai_bundle.path, tmp_path, "busy", "--mqtt", broker.url,
-                    "--max-concurrency", "1", "--queue-size", "0")
+    a = start_mqtt_agent(tiny_genai_bundle.path, tmp_path, "busy", broker,
+                         "--max-concurrency", "1", "--queue-size", "0")
     try:
         wait_mqtt_connected(a)
-        with MqttChatClient(broker.url) as c:
+        with MqttChatClient(broker.url, **broker.device_login()) as c:
             ids = [c.send(chat_body("Write a long story", max_tokens=400, stream=True),
                           node="busy") for _ in range(8)]
             outcomes = [list(c.replies(i, timeout=120, raise_errors=False))[-1] for i in ids]
@@ -275,27 +304,37 @@ def test_broker_restart_agent_reconnects_and_answers(tiny_genai_bundle, tmp_path
         broker.stop()
 
 
-def test_password_file_auth_and_wrong_password_log_line(tiny_genai_bundle, tmp_path):
-    broker = Mosquitto(tmp_path / "broker", users={"agent": "pw-ok", "device": "dpw"}).start()
-    wrong = start_agent(tiny_genai_bundle.path, tmp_path, "authbad", "--mqtt",
-                        broker.url_for("agent", "pw-bad"))
-    good = start_agent(tiny_genai_bundle.path, tmp_path, "authok", "--mqtt",
-                       broker.url_for("agent", "pw-ok"))
+def test_password_auth_the_password_never_shows_and_a_wrong_one_is_one_log_line(
+        tiny_genai_bundle, broker, tmp_path):
+    """The agent's password from the environment or a file: never in its argv (what `ps`
+    shows), never in its log; a wrong one is one clear error line; devices too."""
+    password = broker.creds.agent_password()
+    wrong = start_agent(tiny_genai_bundle.path, tmp_path, "authbad", "--mqtt", broker.url,
+                        "--mqtt-username", AGENT_USER,
+                        env={"EDGEGEN_MQTT_PASSWORD": "pw-bad-123"})
+    good = start_agent(tiny_genai_bundle.path, tmp_path, "authok", "--mqtt", broker.url,
+                       "--mqtt-username", AGENT_USER, "--mqtt-password-file",
+                       str(broker.creds.agent_password_file))
     try:
         wait_until(lambda: "refused the connection" in wrong.proc.log(), 60, "refusal log")
         line = next(json.loads(l) for l in wrong.proc.log().splitlines()
                     if "refused the connection" in l)
-        assert line["level"] == "error" and "pw-bad" not in json.dumps(line)
-        assert "user name and password" in line["msg"]
+        assert line["level"] == "error" and "pw-bad-123" not in json.dumps(line)
+        assert "user name and password" in line["msg"] and AGENT_USER in line["msg"]
         assert metric(wrong, "edgegen_mqtt_connected") == 0
         assert httpx.get(wrong.url + "/readyz").status_code == 200  # REST unaffected
         wait_mqtt_connected(good)
-        with pytest.raises(MqttConnectError, match="refused"):
-            MqttChatClient(broker.url_for("device", "nope")).connect()
-        with MqttChatClient(broker.url_for("device", "dpw")) as c:
+        for agent, secret in ((wrong, "pw-bad-123"), (good, password)):
+            argv = Path(f"/proc/{agent.proc.pid}/cmdline").read_bytes().decode()
+            assert secret not in argv and "--mqtt" in argv
+            assert secret not in agent.proc.log()
+        with pytest.raises(MqttConnectError, match="refused.*user name and password"):
+            MqttChatClient(broker.url, username=DEVICE_USER, password="nope").connect()
+        with pytest.raises(MqttConnectError, match="Not authorized"):
+            MqttChatClient(broker.url).connect()                    # anonymous
+        with MqttChatClient(broker.url, **broker.device_login()) as c:
             [reply] = list(c.chat(chat_body("secret"), node="authok", timeout=120))
         assert reply["object"] == "chat.completion"
     finally:
         wrong.stop()
         good.stop()
-        broker.stop()

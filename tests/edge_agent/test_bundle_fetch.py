@@ -85,3 +85,34 @@ def test_local_tampered_bundle_is_refused(tiny_genai_bundle, tmp_path):
         else (copy / "tokenizer.json").write_text("{}")
     with pytest.raises(BundleIntegrityError):
         resolve_bundle(str(copy), tmp_path)
+
+
+def test_fetch_with_a_trust_policy_refuses_before_downloading(served, tiny_genai_bundle, tmp_path):
+    from edge_agent.bundle.signing import (
+        BundleSignatureError,
+        generate_keypair,
+        load_private_key,
+        load_trust,
+        sign_bundle,
+    )
+
+    base, store = served
+    priv, pub, kid = generate_keypair(tmp_path / "k.key")
+    trust = load_trust([pub])
+    cache = tmp_path / "cache"
+    with pytest.raises(BundleSignatureError, match=f"{tiny_genai_bundle.digest12} is not signed"):
+        fetch_bundle(_url(base, tiny_genai_bundle), cache, trust=trust)
+    assert not cache.exists()
+    published = store / tiny_genai_bundle.name / tiny_genai_bundle.digest12
+    sign_bundle(published, load_private_key(priv))
+    try:
+        b = fetch_bundle(_url(base, tiny_genai_bundle), cache, trust=trust)
+        assert trust.check_bundle(b) == kid
+        # offline, the cached copy is still held to the policy
+        dead = _url(f"http://127.0.0.1:{free_port()}", tiny_genai_bundle)
+        assert fetch_bundle(dead, cache, trust=trust).digest == b.digest
+        other = load_trust([generate_keypair(tmp_path / "other.key")[1]])
+        with pytest.raises(BundleSignatureError, match="untrusted keys"):
+            fetch_bundle(dead, cache, trust=other)
+    finally:
+        (published / "edgegen.sig").unlink()

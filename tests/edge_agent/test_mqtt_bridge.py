@@ -1,7 +1,9 @@
 """The MQTT bridge over a real Mosquitto, with a fake serving object of the real signature.
 
-Device side: the project's own client (v5 and 3.1.1), raw paho for malformed payloads, and
-Debian's mosquitto_pub/mosquitto_sub as an independent v5 client."""
+The module's broker is locked as edgegen ships it (rendered password file and ACL): the bridge
+logs in as the agents' user, devices as the devices' user. Device side: the project's own
+client (v5 and 3.1.1), raw paho for malformed payloads, and Debian's mosquitto_pub/mosquitto_sub
+as an independent v5 client."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.errors import MqttConnectError, MqttReplyError
+from edge_agent.mqtt.contract import DEVICE_USER, reply_topic
 from edge_agent.mqtt.device_client import MqttChatClient
 from edge_agent.settings import AgentSettings
 from tests.support.mosquitto import Mosquitto, make_tls_files
@@ -41,7 +44,7 @@ def settings(url: str, node: str = "n1", **kw) -> AgentSettings:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    with Mosquitto(tmp_path_factory.mktemp("mosquitto")) as b:
+    with Mosquitto(tmp_path_factory.mktemp("mosquitto"), locked=True) as b:
         yield b
 
 
@@ -53,7 +56,7 @@ def serving():
 @pytest.fixture(scope="module")
 def bridge(broker, serving):
     b = BridgeThread(settings(broker.url, mqtt_coalesce_tokens=3, mqtt_coalesce_ms=1000,
-                              mqtt_max_payload=4096), serving)
+                              mqtt_max_payload=4096, **broker.agent_login()), serving)
     b.wait_connected()
     yield b
     b.stop()
@@ -61,7 +64,7 @@ def bridge(broker, serving):
 
 @pytest.fixture()
 def device(broker, bridge):
-    with MqttChatClient(broker.url) as c:
+    with MqttChatClient(broker.url, **broker.device_login()) as c:
         yield c
 
 
@@ -91,7 +94,7 @@ def test_v5_non_streaming_gets_one_completion(device, serving):
 
 
 def test_v311_client_routes_with_body_fields(broker, bridge, serving):
-    with MqttChatClient(broker.url, v311=True) as c:
+    with MqttChatClient(broker.url, v311=True, **broker.device_login()) as c:
         replies = list(c.chat(body("three little words", stream=True), node="n1", timeout=30))
     assert "".join(r["choices"][0]["delta"].get("content", "")
                    for r in replies if r["choices"]) == "three little words"
@@ -106,20 +109,22 @@ def test_shared_topic_is_served(device):
 
 
 def test_mosquitto_clients_as_an_independent_v5_client(broker, bridge):
-    reply_topic = f"devices/{uuid.uuid4().hex}/reply"
+    sub_id = f"mosq-sub-{uuid.uuid4().hex[:8]}"
+    topic = reply_topic(sub_id)
+    login = ["-u", DEVICE_USER, "-P", broker.creds.device_password()]
     sub = subprocess.Popen(
         ["mosquitto_sub", "-V", "5", "-p", str(broker.port), "-h", "127.0.0.1", "-q", "1",
-         "-t", reply_topic, "-C", "1", "-W", "60", "-F", "%D|%P|%p"],
+         "-i", sub_id, *login, "-t", topic, "-C", "1", "-W", "60", "-F", "%D|%P|%p"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # mosquitto_sub has no "subscribed" signal: wait until the broker logs its SUBSCRIBE.
         deadline = time.monotonic() + 30
-        while reply_topic not in broker.log() and time.monotonic() < deadline:
+        while topic not in broker.log() and time.monotonic() < deadline:
             time.sleep(0.05)
         subprocess.run(
             ["mosquitto_pub", "-V", "5", "-p", str(broker.port), "-h", "127.0.0.1", "-q", "1",
-             "-t", "edgegen/v1/n1/chat", "-m", json.dumps(body("from mosquitto pub")),
-             "-D", "publish", "response-topic", reply_topic,
+             *login, "-t", "edgegen/v1/n1/chat", "-m", json.dumps(body("from mosquitto pub")),
+             "-D", "publish", "response-topic", topic,
              "-D", "publish", "correlation-data", "req-42"],
             check=True, timeout=30)
         out, err = sub.communicate(timeout=60)
@@ -133,13 +138,19 @@ def test_mosquitto_clients_as_an_independent_v5_client(broker, bridge):
 
 
 class RawDevice:
-    """A bare paho v5 client to publish payloads the project's client would never send."""
+    """A bare paho client (v5 by default) to publish payloads the project's client would never
+    send; it reads its replies on its reply topic, as a device of a locked broker must."""
 
     def __init__(self, broker: Mosquitto, protocol=MQTTProtocolVersion.MQTTv5):
-        self.topic = f"raw/{uuid.uuid4().hex}"
+        self.client_id = f"raw-{uuid.uuid4().hex[:12]}"
+        self.topic = reply_topic(self.client_id)
+        self.v5 = protocol == MQTTProtocolVersion.MQTTv5
         self.messages: list[tuple[bytes | None, dict]] = []
         self.got = threading.Condition()
-        self.c = paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             protocol=protocol)
+        if broker.creds is not None:
+            self.c.username_pw_set(DEVICE_USER, broker.creds.device_password())
         self.c.on_message = self._on_message
         subscribed = threading.Event()
         self.c.on_subscribe = lambda *a: subscribed.set()
@@ -158,9 +169,11 @@ class RawDevice:
                 topic="edgegen/v1/n1/chat", route=True):
         props = Properties(PacketTypes.PUBLISH)
         if route:
-            props.ResponseTopic = self.topic
+            props.ResponseTopic = route if isinstance(route, str) else self.topic
         if correlation:
             props.CorrelationData = correlation
+        if not self.v5:
+            props = None
         self.c.publish(topic, payload, qos=1, properties=props).wait_for_publish(30)
 
     def wait_for(self, n: int, timeout=60.0) -> list[tuple[bytes | None, dict]]:
@@ -255,10 +268,10 @@ def test_coalescing_by_time_on_a_slow_stream(broker, tmp_path):
     message leaves within the window rather than waiting for the token budget."""
     serving = FakeServing(token_delay=0.03)
     b = BridgeThread(settings(broker.url, node="slow", mqtt_coalesce_tokens=1000,
-                              mqtt_coalesce_ms=100), serving)
+                              mqtt_coalesce_ms=100, **broker.agent_login()), serving)
     try:
         b.wait_connected()
-        with MqttChatClient(broker.url) as c:
+        with MqttChatClient(broker.url, **broker.device_login()) as c:
             replies = list(c.chat(body(" ".join(["w"] * 20), stream=True), node="slow",
                                   timeout=30))
     finally:

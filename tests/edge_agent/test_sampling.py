@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from edge_agent.engine.base import SamplingParams
 from edge_agent.engine.sampling import make_rng, sample
@@ -36,3 +37,16 @@ def test_high_temperature_spreads_the_choice():
     p = SamplingParams(max_tokens=1, temperature=2.0, seed=1)
     rng = make_rng(p)
     assert len({sample(LOGITS, p, rng) for _ in range(500)}) == 5
+
+
+@pytest.mark.parametrize("temperature", [2.2250738585e-313, 1e-300, 1e-30])
+def test_a_tiny_temperature_is_nearly_greedy_not_nan(temperature):
+    """Found by fuzzing the agent: logits / 2e-313 overflowed to inf, and inf - inf is NaN."""
+    p = SamplingParams(max_tokens=1, temperature=temperature, top_p=0.9, top_k=2, seed=3)
+    assert sample(LOGITS, p, make_rng(p)) == int(np.argmax(LOGITS))
+
+
+def test_a_negative_seed_means_a_random_one():
+    p = SamplingParams(max_tokens=1, temperature=1.0, seed=-1)
+    draws = {sample(LOGITS, p, make_rng(p)) for _ in range(50)}
+    assert len(draws) > 1  # not one fixed sequence, and no error

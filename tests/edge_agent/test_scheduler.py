@@ -11,6 +11,7 @@ import time
 
 import pytest
 from edge_agent.engine.base import GenerationEngine, SamplingParams, SequenceState
+from edge_agent.errors import GenerationError
 from edge_agent.scheduler import INLINE_STEP_S, RETRY_AFTER_MAX_S, Scheduler, retry_after_s
 
 
@@ -217,3 +218,81 @@ def test_close_ends_what_is_queued_and_running_with_an_error():
     ends, late = run(go())
     assert ends == [("error", "the model was unloaded")] * 2
     assert late[-1].finish_reason == "error"
+
+
+# --- fault isolation: one request's failure is its own ------------------------------------------
+
+class FragileEngine(CountingEngine):
+    """Like CountingEngine, but a prompt ending in 13 fails where ``fails_in`` says: when it is
+    admitted ("start"), or in its own work during a step ("step": a per-sequence error)."""
+
+    def __init__(self, fails_in: str):
+        super().__init__()
+        self.fails_in = fails_in
+
+    def start(self, prompt_ids, params):
+        if self.fails_in == "start" and prompt_ids[-1] == 13:
+            raise ValueError("expected non-negative integer")  # numpy's, from a bad seed
+        return super().start(prompt_ids, params)
+
+    def step(self, seqs):
+        tokens = super().step(seqs)
+        if self.fails_in == "step":
+            return [GenerationError("sampler: probabilities contain NaN")
+                    if s.prompt_ids[-1] == 13 else t for s, t in zip(seqs, tokens)]
+        return tokens
+
+
+@pytest.mark.parametrize("fails_in, message", [("start", "internal error"),
+                                               ("step", "probabilities contain NaN")])
+def test_one_requests_failure_ends_it_alone(fails_in, message):
+    engine = FragileEngine(fails_in)
+
+    async def scenario():
+        async with scheduling(engine, max_concurrency=4, queue_size=4) as s:
+            ok_before = s.try_submit([100], SamplingParams(max_tokens=5))
+            bad = s.try_submit([13], SamplingParams(max_tokens=5))
+            ok_after = s.try_submit([200], SamplingParams(max_tokens=5))
+            results = await asyncio.gather(*map(_collect_with_error, (ok_before, bad, ok_after)))
+            later = await _collect(s.try_submit([300], SamplingParams(max_tokens=2)))
+            return results, later
+
+    (before, bad, after), later = run(scenario())
+    assert before == ([101, 102, 103, 104, 105], "length", None)
+    assert after == ([201, 202, 203, 204, 205], "length", None)
+    assert bad[1] == "error" and message in bad[2]
+    assert later == ([301, 302], "length")
+
+
+def test_a_failed_step_ends_its_batch_and_the_scheduler_serves_on():
+    engine = CountingEngine()
+    calls = {"n": 0}
+    step = engine.step
+
+    def failing_once(seqs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise GenerationError("onnxruntime: the batched run failed")
+        return step(seqs)
+
+    engine.step = failing_once
+
+    async def scenario():
+        async with scheduling(engine, max_concurrency=4, queue_size=4) as s:
+            first = await _collect_with_error(s.try_submit([1], SamplingParams(max_tokens=5)))
+            second = await _collect(s.try_submit([50], SamplingParams(max_tokens=3)))
+            return first, second
+
+    first, second = run(scenario())
+    assert first[1] == "error" and "batched run failed" in first[2]
+    assert second == ([51, 52, 53], "length")
+
+
+async def _collect_with_error(handle):
+    tokens, finish, error = [], None, None
+    async for ev in handle:
+        if ev.token_id is not None:
+            tokens.append(ev.token_id)
+        else:
+            finish, error = ev.finish_reason, ev.error
+    return tokens, finish, error

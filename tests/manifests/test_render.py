@@ -58,7 +58,8 @@ FLAGS = [
     {"central": False, "mqtt": False, "max_unavailable": "25%"},
     {"node_selector": {"topology.kubernetes.io/region": "eu-west", "disk": "ssd"},
      "router_host": "llm.example.com", "tls_secret": "llm-tls", "entry_points": ("websecure",),
-     "namespace": "edge-prod", "image": "registry.local/edgegen:dev", "central_replicas": 2},
+     "namespace": "edge-prod", "image": "registry.local/edgegen:dev", "central_replicas": 2,
+     "mqtt_anonymous": True},
 ]
 
 
@@ -167,3 +168,66 @@ def test_write_manifests_is_a_kustomize_base(tmp_path):
     for name in k["resources"]:
         assert yaml.safe_load((tmp_path / name).read_text())["kind"]
     assert len(list(yaml.safe_load_all(to_yaml(docs)))) == len(docs)
+
+
+def test_the_broker_is_locked_by_a_secret_and_the_acl():
+    from edge_agent.mqtt.contract import AGENT_USER, broker_acl
+    from manifests.render import MQTT_SECRET
+
+    docs = render(DeployConfig(bundle=BUNDLE))
+    cm = find(docs, "ConfigMap", "edgegen-mosquitto")
+    conf = cm["data"]["mosquitto.conf"].splitlines()
+    assert "allow_anonymous false" in conf
+    assert "password_file /mosquitto/secret/passwd" in conf
+    assert "acl_file /mosquitto/config/acl" in conf
+    assert cm["data"]["acl"] == broker_acl()
+    pod = find(docs, "DaemonSet", "edgegen-mosquitto")["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"] == {"secretName": MQTT_SECRET, "defaultMode": 0o440,
+                                "items": [{"key": "passwd", "path": "passwd"}]}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts[volume["name"]] == {"name": volume["name"], "mountPath": "/mosquitto/secret",
+                                      "readOnly": True}
+    # The agent: its user in args, its password from the Secret into the environment only.
+    agent = find(docs, "DaemonSet", "edgegen-edge")["spec"]["template"]["spec"]["containers"][0]
+    args = agent["args"]
+    assert args[args.index("--mqtt-username") + 1] == AGENT_USER
+    assert not any("password" in a.lower() for a in args)
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["EDGEGEN_MQTT_PASSWORD"]["valueFrom"] == {
+        "secretKeyRef": {"name": MQTT_SECRET, "key": "agent-password"}}
+    central = find(docs, "Deployment", "edgegen-central")["spec"]["template"]["spec"]
+    assert "EDGEGEN_MQTT_PASSWORD" not in {e["name"] for e in central["containers"][0]["env"]}
+    # Anonymous devices: an explicit opt-in; the ACL stays.
+    open_cm = find(render(DeployConfig(bundle=BUNDLE, mqtt_anonymous=True)), "ConfigMap",
+                   "edgegen-mosquitto")
+    assert "allow_anonymous true" in open_cm["data"]["mosquitto.conf"].splitlines()
+    assert "acl_file /mosquitto/config/acl" in open_cm["data"]["mosquitto.conf"]
+    no_mqtt = render(DeployConfig(bundle=BUNDLE, mqtt=False))
+    edge = find(no_mqtt, "DaemonSet", "edgegen-edge")["spec"]["template"]["spec"]["containers"][0]
+    assert "--mqtt-username" not in edge["args"]
+    assert "EDGEGEN_MQTT_PASSWORD" not in {e["name"] for e in edge["env"]}
+
+
+def test_local_processes_get_the_secret_from_the_environment_never_argv():
+    from manifests.local import Node, node_processes
+
+    docs = render(DeployConfig(bundle=BUNDLE))
+    node = Node("edge-1", region="eu")
+    with pytest.raises(RenderError, match="Secret edgegen-mqtt"):
+        node_processes(docs, node, 8001, {"EDGEGEN_MQTT": "mqtt://127.0.0.1:1883"})
+    overrides = {"EDGEGEN_MQTT": "mqtt://127.0.0.1:1883", "EDGEGEN_MQTT_PASSWORD": "s3cret-pw"}
+    agent = node_processes(docs, node, 8001, overrides)[-1]
+    assert agent.env["EDGEGEN_MQTT_PASSWORD"] == "s3cret-pw"
+    assert not any("s3cret-pw" in a for a in agent.argv)
+    assert "--mqtt-username" in agent.argv and "mqtt://127.0.0.1:1883" in agent.argv
+
+
+def test_the_secret_manifest_validates(tmp_path):
+    from edge_agent.mqtt.credentials import write_broker_credentials
+    from manifests.render import mqtt_secret
+
+    creds = write_broker_credentials(tmp_path / "creds")
+    secret = mqtt_secret("edge-prod", creds)
+    validate(secret)
+    assert set(secret["data"]) == {"passwd", "agent-password"}   # no device password in it

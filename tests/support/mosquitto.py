@@ -1,5 +1,10 @@
 """A real Mosquitto broker for tests: a generated config, a free loopback port, optional
-password file (mosquitto_passwd) and TLS (a throwaway CA made with openssl)."""
+password file (mosquitto_passwd) and TLS (a throwaway CA made with openssl).
+
+``Mosquitto(dir, locked=True)`` is the broker edgegen ships: its configuration, password file
+and ACL rendered by the same code as the K3s manifests and `edgegen up`
+(``manifests.render.mosquitto_conf``, ``edge_agent.mqtt.credentials``), with only the test's
+logging added; ``creds`` holds the agents' and devices' passwords."""
 
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.mqtt.contract import AGENT_USER, DEVICE_USER
+from edge_agent.mqtt.credentials import BrokerCredentials, write_broker_credentials
+from manifests.render import mosquitto_conf
 from tests.support.procs import free_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -53,7 +61,8 @@ class Mosquitto:
     restart keeps sessions (as a production broker would be set up)."""
 
     def __init__(self, directory: Path, *, users: dict[str, str] | None = None,
-                 tls: TlsFiles | None = None, port: int | None = None):
+                 tls: TlsFiles | None = None, port: int | None = None, locked: bool = False,
+                 anonymous: bool = False):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -61,6 +70,11 @@ class Mosquitto:
         self.users = users
         self.log_path = self.dir / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
+        self.creds: BrokerCredentials | None = None
+        self.conf = self.dir / "mosquitto.conf"
+        if locked:
+            self._write_locked(anonymous, users)
+            return
         lines = [
             f"listener {self.port} 127.0.0.1",
             "persistence true",
@@ -86,8 +100,27 @@ class Mosquitto:
             lines.append("allow_anonymous true")
         if tls:
             lines += [f"cafile {tls.ca}", f"certfile {tls.cert}", f"keyfile {tls.key}"]
-        self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
+
+    def _write_locked(self, anonymous: bool, users: dict[str, str] | None) -> None:
+        """edgegen's own broker configuration, plus logging for the tests to wait on."""
+        self.creds = write_broker_credentials(self.dir / "mqtt", extra_users=users)
+        conf = mosquitto_conf(self.port, f"{self.dir}/", host="127.0.0.1",
+                              password_file=str(self.creds.passwd),
+                              acl_file=str(self.creds.acl), allow_anonymous=anonymous,
+                              user=getpass.getuser() if os.geteuid() == 0 else None)
+        conf += "log_type all\nconnection_messages true\nmax_queued_messages 10000\n"
+        if self.tls:
+            conf += f"cafile {self.tls.ca}\ncertfile {self.tls.cert}\nkeyfile {self.tls.key}\n"
+        self.conf.write_text(conf)
+
+    def agent_login(self) -> dict:
+        """AgentSettings fields of an agent of this (locked) broker."""
+        return {"mqtt_username": AGENT_USER, "mqtt_password": self.creds.agent_password()}
+
+    def device_login(self) -> dict:
+        """MqttChatClient keywords of a device of this (locked) broker."""
+        return {"username": DEVICE_USER, "password": self.creds.device_password()}
 
     @property
     def url(self) -> str:
