@@ -34,7 +34,8 @@ class Exporter(str, Enum):
 
 def export(
     source: str = typer.Argument(
-        ..., help="A Hugging Face folder, a .gguf file, builtin:smollm2-135m-instruct, or a "
+        ..., help="A Hugging Face folder, a .gguf file, a built-in model "
+        "(builtin:smollm2-135m-instruct, chat; builtin:all-minilm-l6-v2, embeddings), or a "
         "hub id (needs the hub to be reachable).", show_default=False),
     name: str = typer.Option(None, "--name", "-n", help="Bundle name (default: from the source)."),
     precision: Precision = typer.Option(

@@ -41,7 +41,10 @@ def judge(validation: dict, max_ppl_increase_pct: float) -> GateDecision:
             f"{validation['teacher_forced_top1_agreement']:.1%}; max |logit diff| "
             f"{validation['max_abs_logit_diff']:.4g}"
         ))
-    cos = validation["min_pooled_cosine"]
+    # The served cosine (the agent's tokenizer, batching and pooling) counts as much as the
+    # graph's own: a bundle that embeds well only when fed the reference's ids is not good.
+    cos = min(validation["min_pooled_cosine"],
+              validation.get("min_served_cosine", validation["min_pooled_cosine"]))
     ok = cos >= MIN_EMBEDDING_COSINE
     return GateDecision(ok, (
         f"pooled-embedding cosine vs reference {cos:.5f} (minimum {MIN_EMBEDDING_COSINE}); "

@@ -89,6 +89,8 @@ def export_model(
         task = task or infer_task(config)
         precision = precision or ("int4" if task == "text-generation" else "fp32")
         ctx = resolve_context_length(config, context_length)
+        if task == "feature-extraction" and context_length is None:
+            ctx = min(ctx, sentence_max_length(src.hf_dir) or ctx)
         path, tried = choose_exporter(config, task, precision, exporter)
         threads = threads or os.cpu_count() or 1
         started = time.monotonic()
@@ -112,7 +114,8 @@ def export_model(
         if task == "text-generation":
             figures = validation.validate_causal(graph, ref, signature, ctx)
         else:
-            figures = validation.validate_encoder(graph, ref, pooling)
+            figures = validation.validate_encoder(
+                graph, ref, pooling, served_embeddings(staging, pooling, ctx, threads))
         del graph
         check_fp32_parity(precision, figures)
         decision = gate.judge(figures, max_ppl_increase_pct)
@@ -253,11 +256,12 @@ def check_fp32_parity(precision: str, figures: dict) -> None:
                 f"fp32 graph does not match the reference: max |logit diff| {diff:.4g} "
                 f"(limit {validation.FP32_MAX_LOGIT_DIFF}), top-1 agreement {agree:.1%}"
             )
-    elif figures["min_pooled_cosine"] < 0.9999:
+    elif min(figures["min_pooled_cosine"], figures["min_served_cosine"]) < 0.9999:
         raise ValidationFailed(
             f"fp32 encoder does not match the reference: pooled cosine "
-            f"{figures['min_pooled_cosine']:.6f}, max |hidden diff| "
-            f"{figures['max_abs_hidden_diff']:.4g}"
+            f"{figures['min_pooled_cosine']:.6f}, served cosine "
+            f"{figures['min_served_cosine']:.6f} (the agent's tokenizer and pooling), "
+            f"max |hidden diff| {figures['max_abs_hidden_diff']:.4g}"
         )
 
 
@@ -343,6 +347,28 @@ def _finish_side_files(src: Source, staging: Path) -> None:
         template = json.loads(tc.read_text()).get("chat_template")
         if isinstance(template, str) and template.strip():
             target.write_text(template)
+
+
+def served_embeddings(staging: Path, pooling: dict, ctx: int, threads: int):
+    """The agent's embedding engine over the staged bundle, as it will serve it."""
+    from edge_agent.bundle import Bundle
+    from edge_agent.engine.embed import EmbeddingEngine
+
+    files = {p.name: {} for p in staging.iterdir() if p.is_file()}  # not yet hashed: unsealed
+    staged = Bundle(path=staging, digest="",
+                    manifest={"pooling": pooling, "context_length": ctx, "files": files})
+    return EmbeddingEngine(staged, providers=["CPUExecutionProvider"], threads=threads)
+
+
+def sentence_max_length(hf_dir: Path) -> int | None:
+    """A sentence-transformers model's ``max_seq_length`` (sentence_bert_config.json): the
+    length it was trained to embed, shorter than its position table (all-MiniLM-L6-v2: 256
+    of 512). Longer inputs are refused by the agent rather than embedded out of training."""
+    cfg = hf_dir / "sentence_bert_config.json"
+    if not cfg.is_file():
+        return None
+    value = json.loads(cfg.read_text()).get("max_seq_length")
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def pooling_for(hf_dir: Path) -> dict:

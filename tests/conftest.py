@@ -7,6 +7,7 @@ Every fixture returns an ``edge_agent.bundle.Bundle`` built with ``exporters.exp
 - ``tiny_optimum_bundle``: the same tiny model exported fp32 by optimum (runtime onnxruntime).
 - ``tiny_embedding_bundle``: a tiny random BERT exported by optimum as feature-extraction
   with mean pooling.
+- ``minilm_bundle``: the real all-MiniLM-L6-v2 from ``builtin:all-minilm-l6-v2`` (fp32).
 - ``smollm2_int4_bundle`` / ``smollm2_fp32_bundle`` (genai) and ``smollm2_int8_bundle``
   (optimum): the real SmolLM2-135M-Instruct from ``builtin:smollm2-135m-instruct``.
 
@@ -37,7 +38,7 @@ TINY_THREADS = 2
 
 # Fixtures that export (or build the source of) a model; a test using any of them is slow.
 SLOW_FIXTURES = frozenset({
-    "tiny_genai_bundle", "tiny_optimum_bundle", "tiny_embedding_bundle",
+    "tiny_genai_bundle", "tiny_optimum_bundle", "tiny_embedding_bundle", "minilm_bundle",
     "smollm2_source_dir", "tiny_llama_dir", "tiny_bert_dir",
 })
 SLOW_FIXTURE_PREFIX = "smollm2_"
@@ -197,6 +198,15 @@ def tiny_embedding_bundle(tiny_bert_dir, bundle_store):
     from exporters.pipeline import export_model
 
     return export_model(str(tiny_bert_dir), name="tiny-bert", task="feature-extraction",
+                        precision="fp32", store=bundle_store, threads=TINY_THREADS)
+
+
+@pytest.fixture(scope="session")
+def minilm_bundle(bundle_store):
+    """The real all-MiniLM-L6-v2 (``builtin:all-minilm-l6-v2``), fp32, as served."""
+    from exporters.pipeline import export_model
+
+    return export_model("builtin:all-minilm-l6-v2", task="feature-extraction",
                         precision="fp32", store=bundle_store, threads=TINY_THREADS)
 
 

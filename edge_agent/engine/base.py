@@ -98,9 +98,15 @@ class GenerationEngine(ABC):
 
 
 def load_tokenizer(bundle: Bundle) -> Tokenizer:
+    """The bundle's tokenizer, encoding exactly the text it is given: ``tokenizer.json`` may
+    carry padding and truncation settings (all-MiniLM-L6-v2's pads every input to 128 tokens),
+    and the agent must neither pool padding as if it were text nor cut a prompt silently."""
     if not bundle.has_file("tokenizer.json"):
         raise BundleFormatError(f"bundle {bundle.path} has no tokenizer.json")
-    return Tokenizer.from_file(str(bundle.file("tokenizer.json")))
+    tokenizer = Tokenizer.from_file(str(bundle.file("tokenizer.json")))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
 
 def eos_token_ids(bundle: Bundle) -> frozenset[int]:

@@ -28,3 +28,25 @@ def test_absent_gpu_provider_is_a_clear_error(device):
 
 
 
+
+
+def test_the_tokenizer_encodes_the_text_alone_whatever_tokenizer_json_says(bpe_tokenizer_dir,
+                                                                            tmp_path):
+    """all-MiniLM-L6-v2's tokenizer.json pads every input to 128 tokens and truncates; the
+    agent must see the text's own tokens (padding pooled as text gave cosines of 0.22)."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer
+
+    from edge_agent.engine.base import load_tokenizer
+
+    padded = Tokenizer.from_file(str(bpe_tokenizer_dir / "tokenizer.json"))
+    padded.enable_padding(length=128)
+    padded.enable_truncation(max_length=4)
+    padded.save(str(tmp_path / "tokenizer.json"))
+    bundle = SimpleNamespace(path=tmp_path, has_file=lambda name: True,
+                             file=lambda name: tmp_path / name)
+    text = "the end of the story is near"
+    plain = Tokenizer.from_file(str(bpe_tokenizer_dir / "tokenizer.json")).encode(text).ids
+    assert len(padded.encode(text).ids) == 128  # what the file alone would do: pad
+    assert load_tokenizer(bundle).encode(text).ids == plain

@@ -40,3 +40,12 @@ def test_gate_record_says_when_a_failed_gate_was_forced():
 def test_embedding_gate_uses_pooled_cosine(cosine, passed):
     v = {"perplexity": None, "min_pooled_cosine": cosine, "max_abs_hidden_diff": 0.1}
     assert judge(v, DEFAULT_MAX_PPL_INCREASE_PCT).passed is passed
+
+
+@pytest.mark.parametrize("served, passed", [(0.9999, True), (0.2248, False)])
+def test_embedding_gate_also_holds_the_served_cosine(served, passed):
+    """A graph that matches the reference on its ids but is served badly (all-MiniLM's
+    padded tokenizer.json gave 0.2248) does not pass."""
+    v = {"perplexity": None, "min_pooled_cosine": 1.0, "min_served_cosine": served,
+         "max_abs_hidden_diff": 0.1}
+    assert judge(v, DEFAULT_MAX_PPL_INCREASE_PCT).passed is passed

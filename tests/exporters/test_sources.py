@@ -44,7 +44,8 @@ def test_a_gguf_that_is_not_an_llm(tmp_path):
 
 
 def test_unknown_builtin():
-    with pytest.raises(SourceError, match="built-in models: smollm2-135m-instruct"):
+    with pytest.raises(SourceError,
+                       match="built-in models: all-minilm-l6-v2, smollm2-135m-instruct"):
         resolve_source("builtin:gpt-5")
 
 
