@@ -25,7 +25,8 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     scores = logits.astype(np.float64)
     # Shift before dividing: the best score becomes 0 and the others negative, so a tiny
     # temperature (1e-300 is a valid float) sends them to -inf, never to inf - inf = NaN.
-    scores = (scores - scores.max()) / params.temperature
+    with np.errstate(over="ignore"):  # -x / 1e-300 is -inf on purpose
+        scores = (scores - scores.max()) / params.temperature
     if params.top_k and params.top_k < scores.shape[-1]:
         cut = np.partition(scores, -params.top_k)[-params.top_k]
         scores = np.where(scores < cut, -np.inf, scores)
