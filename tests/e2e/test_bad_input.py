@@ -13,8 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.cloud_router.registry_support import start_registry
-from tests.support.procs import EdgegenProcess, free_port, wait_http
+from tests.e2e.agent_support import agent_behind_router
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -51,22 +50,9 @@ def _rss_mb(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_genai_bundle):
-    tmp = tmp_path_factory.mktemp("bad-input")
-    registry, consul = start_registry(tmp)
-    agent_port, router_port = free_port(), free_port()
-    agent = EdgegenProcess(["agent", "--bundle", str(tiny_genai_bundle.path), "--node", "victim",
-                            "--port", str(agent_port), "--consul", consul, "--threads", "1",
-                            "--advertise-host", "127.0.0.1"], tmp, "agent")
-    router = EdgegenProcess(["router", "--consul", consul, "--port", str(router_port)], tmp,
-                            "router")
-    try:
-        agent_url, router_url = f"http://127.0.0.1:{agent_port}", f"http://127.0.0.1:{router_port}"
-        wait_http(agent_url + "/readyz", timeout=120, proc=agent.proc)
-        wait_http(router_url + "/readyz", timeout=60, proc=router.proc)
-        yield agent, agent_url, router_url, tiny_genai_bundle.name
-    finally:
-        for p in (router, agent, registry):
-            p.stop()
+    with agent_behind_router(tmp_path_factory.mktemp("bad-input"), tiny_genai_bundle,
+                             "victim") as s:
+        yield s.agent, s.agent_url, s.router_url, tiny_genai_bundle.name
 
 
 def _announce_a_huge_body(url: str) -> tuple[int, float]:

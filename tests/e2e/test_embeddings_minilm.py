@@ -9,8 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.cloud_router.registry_support import start_registry
-from tests.support.procs import EdgegenProcess, free_port, wait_http
+from tests.e2e.agent_support import agent_behind_router
 
 SENTENCES = [
     "The valve on line 3 reports fault code E42.",
@@ -36,22 +35,9 @@ def reference(minilm_bundle):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, minilm_bundle):
-    tmp = tmp_path_factory.mktemp("minilm")
-    registry, consul = start_registry(tmp)
-    agent_port, router_port = free_port(), free_port()
-    agent = EdgegenProcess(["agent", "--bundle", str(minilm_bundle.path), "--node", "embedder",
-                            "--port", str(agent_port), "--consul", consul, "--threads", "2",
-                            "--advertise-host", "127.0.0.1"], tmp, "agent")
-    router = EdgegenProcess(["router", "--consul", consul, "--port", str(router_port)], tmp,
-                            "router")
-    try:
-        urls = (f"http://127.0.0.1:{agent_port}", f"http://127.0.0.1:{router_port}")
-        wait_http(urls[0] + "/readyz", timeout=120, proc=agent.proc)
-        wait_http(urls[1] + "/readyz", timeout=60, proc=router.proc)
-        yield urls
-    finally:
-        for p in (router, agent, registry):
-            p.stop()
+    with agent_behind_router(tmp_path_factory.mktemp("minilm"), minilm_bundle, "embedder",
+                             threads=2) as s:
+        yield s.agent_url, s.router_url
 
 
 @pytest.mark.parametrize("via", ["agent", "router"])

@@ -12,32 +12,17 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.cloud_router.registry_support import start_registry
-from tests.support.procs import EdgegenProcess, free_port, wait_http
+from tests.e2e.agent_support import agent_behind_router
 
 EXAMPLES = 50  # per operation (~9 each): about a minute for both servers on 2 cores
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, tiny_genai_bundle):
-    tmp = tmp_path_factory.mktemp("fuzz")
-    registry, consul = start_registry(tmp)
-    agent_port, router_port = free_port(), free_port()
-    agent = EdgegenProcess(["agent", "--bundle", str(tiny_genai_bundle.path), "--node", "fuzzed",
-                            "--port", str(agent_port), "--consul", consul, "--threads", "1",
-                            "--advertise-host", "127.0.0.1", "--max-tokens-default", "8",
-                            "--queue-size", "64"], tmp, "agent")
-    router = EdgegenProcess(["router", "--consul", consul, "--port", str(router_port)], tmp,
-                            "router")
-    urls = {"agent": f"http://127.0.0.1:{agent_port}", "router": f"http://127.0.0.1:{router_port}"}
-    try:
-        wait_http(urls["agent"] + "/readyz", timeout=120, proc=agent.proc)
-        wait_http(urls["router"] + "/readyz", timeout=60, proc=router.proc)
-        yield urls
-        assert agent.alive() and router.alive()
-    finally:
-        for p in (router, agent, registry):
-            p.stop()
+    with agent_behind_router(tmp_path_factory.mktemp("fuzz"), tiny_genai_bundle, "fuzzed",
+                             "--max-tokens-default", "8", "--queue-size", "64") as s:
+        yield {"agent": s.agent_url, "router": s.router_url}
+        assert s.agent.alive() and s.router.alive()
 
 
 def test_documents_describe_every_body(servers):
