@@ -84,7 +84,11 @@ class LoadedModel:
 
 def load_model(bundle: Bundle, settings: AgentSettings) -> LoadedModel:
     """Load ``bundle``'s engine (blocking: run it in a thread from async code)."""
-    engine = load_engine(bundle, settings)
+    return model_around(bundle, load_engine(bundle, settings), settings)
+
+
+def model_around(bundle: Bundle, engine, settings: AgentSettings) -> LoadedModel:
+    """A ``LoadedModel`` serving ``engine``: its scheduler (generation) or embedding slots."""
     if bundle.task == "feature-extraction":
         return LoadedModel(bundle, engine, None, None,
                            embed_slots=asyncio.Semaphore(settings.max_concurrency))

@@ -16,7 +16,6 @@ prompts tokenize and generated tokens detokenize into text as they would on a re
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import shutil
@@ -34,11 +33,9 @@ from edge_agent.bundle import Bundle, write_bundle
 from edge_agent.engine.base import GenerationEngine, SamplingParams, SequenceState
 from edge_agent.errors import GenerationError
 from edge_agent.metrics import AgentMetrics
-from edge_agent.scheduler import Scheduler
 from edge_agent.serving.api import OpenAIServing
-from edge_agent.serving.lifecycle import LoadedModel, ModelHost
+from edge_agent.serving.lifecycle import LoadedModel, ModelHost, model_around
 from edge_agent.settings import AgentSettings
-from edge_agent.text.chat_template import ChatTemplate
 
 EOS_ID = 2                 # <|im_end|> in the bpe_tokenizer fixture, as in SmolLM2
 GATE_TIMEOUT_S = 10.0      # a step waits this long for a closed gate, then fails the test
@@ -209,13 +206,7 @@ def write_fake_bundle(tokenizer_dir: Path, store: Path, *, name: str = "fake-cha
 
 def fake_model(bundle: Bundle, engine, settings: AgentSettings) -> LoadedModel:
     """A ``LoadedModel`` around ``engine``, built as ``lifecycle.load_model`` builds one."""
-    if bundle.task == "feature-extraction":
-        return LoadedModel(bundle, engine, None, None,
-                           embed_slots=asyncio.Semaphore(settings.max_concurrency))
-    scheduler = Scheduler(engine, max_concurrency=settings.max_concurrency,
-                          queue_size=settings.queue_size,
-                          stream_interval=settings.stream_interval_ms / 1000)
-    return LoadedModel(bundle, engine, scheduler, ChatTemplate.from_bundle(bundle))
+    return model_around(bundle, engine, settings)
 
 
 def agent_settings(bundle: Bundle, **overrides) -> AgentSettings:
