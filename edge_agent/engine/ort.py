@@ -56,12 +56,22 @@ def session_options(threads: int, *, spinning: bool = True) -> ort.SessionOption
 
 def open_session(model_path: str, *, providers: list[str], threads: int,
                  spinning: bool = True) -> ort.InferenceSession:
-    """An inference session on ``model_path``; ModelLoadError if onnxruntime refuses it."""
+    """An inference session on ``model_path``; ModelLoadError if onnxruntime refuses it, and
+    DeviceUnavailable if it did not get the first provider asked for: onnxruntime falls back
+    to the CPU when a GPU provider cannot start (no driver, a missing CUDA library), which
+    would serve a GPU node's traffic on its CPU without a word."""
     try:
-        return ort.InferenceSession(model_path, sess_options=session_options(
+        session = ort.InferenceSession(model_path, sess_options=session_options(
             threads, spinning=spinning), providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelLoadError(f"onnxruntime cannot load {model_path}: {exc}") from exc
+    if providers and session.get_providers()[0] != providers[0]:
+        raise DeviceUnavailable(
+            f"onnxruntime could not start {providers[0]} for {model_path} (the session runs "
+            f"on {', '.join(session.get_providers())}): check the GPU driver and the CUDA "
+            f"libraries onnxruntime-gpu needs"
+        )
+    return session
 
 
 @contextlib.contextmanager

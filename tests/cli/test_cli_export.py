@@ -30,6 +30,16 @@ def test_help_lists_every_flag():
         assert flag in r.output, flag
 
 
+def test_help_lists_every_builtin_model():
+    from exporters.sources import BUILTIN
+
+    r = runner.invoke(app, ["export", "--help"], terminal_width=400)
+    assert r.exit_code == 0
+    text = " ".join(r.output.replace("│", " ").split())
+    for name in BUILTIN:
+        assert f"builtin:{name}" in text, name
+
+
 def test_cli_default_gate_matches_the_library():
     from cli.export import DEFAULT_MAX_PPL_INCREASE
     from exporters.gate import DEFAULT_MAX_PPL_INCREASE_PCT

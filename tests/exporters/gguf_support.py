@@ -21,8 +21,11 @@ TINY_DIMS = {
 SKIPPED_FIELDS = ("general.architecture", "general.file_type")  # the writer sets them
 
 
-def write_tiny_llama_gguf(path: Path, seed: int = 0) -> Path:
-    """Write the tiny model to ``path`` (about 15 MB, mostly the embedding table)."""
+def write_tiny_llama_gguf(path: Path, seed: int = 0, *, raw_types: dict | None = None) -> Path:
+    """Write the tiny model to ``path`` (about 15 MB, mostly the embedding table).
+
+    ``raw_types``: tensor name -> a ``GGMLQuantizationType`` to store that tensor as, with
+    zero bytes of that type's size (for files the loader must refuse)."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     package, filename = BUILTIN_GGUF
@@ -42,7 +45,16 @@ def write_tiny_llama_gguf(path: Path, seed: int = 0) -> Path:
     kv = head_dim * TINY_DIMS["llama.attention.head_count_kv"]
 
     def weight(name: str, *shape: int) -> None:
-        w.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+        qtype = (raw_types or {}).get(name)
+        if qtype is None:
+            w.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+            return
+        from gguf import GGML_QUANT_SIZES
+
+        block, size = GGML_QUANT_SIZES[qtype]
+        rows, cols = shape
+        raw = np.zeros((rows, cols // block * size), dtype=np.uint8)
+        w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
 
     weight("token_embd.weight", vocab, hidden)
     w.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))

@@ -95,6 +95,23 @@ def test_genai_int4_quantizes_the_matmuls_and_records_its_cost(tiny_genai_int4, 
     assert m["files"]["model.onnx.data"]["size"] < fp32_size / 3
 
 
+def test_genai_int8_shares_one_int8_table_for_the_tied_embedding(tiny_llama_dir, tmp_path,
+                                                                  tiny_genai_bundle):
+    """The builder's int8 graph names a 4-bit lm_head for its tied embedding, which it never
+    wrote (onnxruntime refused the graph): the embedding now reads the int8 lm_head."""
+    bundle = export_model(str(tiny_llama_dir), precision="int8", exporter="genai",
+                          store=tmp_path, threads=2)
+    graph = onnx.load(str(bundle.path / "model.onnx"), load_external_data=False).graph
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    assert next(a.i for a in gather.attribute if a.name == "bits") == 8
+    assert {i.name for i in graph.initializer} >= {"lm_head.MatMul.weight_Q8"}
+    v = bundle.manifest["validation"]
+    assert v["teacher_forced_top1_agreement"] >= 0.8 and abs(v["ppl_increase_pct"]) < 2
+    assert v["served_tokenizer_match"] == 1.0 and v["served_greedy_agreement"] > 0
+    fp32_size = tiny_genai_bundle.manifest["files"]["model.onnx.data"]["size"]
+    assert bundle.manifest["files"]["model.onnx.data"]["size"] < fp32_size / 2  # one table
+
+
 @pytest.mark.parametrize("precision, quant_op", [("int8", "MatMulInteger"),
                                                  ("int4", "MatMulNBits")])
 def test_optimum_quantization(precision, quant_op, tiny_llama_dir, tiny_optimum_bundle,

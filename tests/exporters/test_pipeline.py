@@ -102,3 +102,33 @@ def test_fp32_parity_rejects_a_graph_that_disagrees():
     with pytest.raises(ValidationFailed, match="logit diff"):
         pipeline.check_fp32_parity("fp32", {**good, "max_abs_logit_diff": 0.5})
     pipeline.check_fp32_parity("int4", {**good, "max_abs_logit_diff": 9.0})  # the gate's job
+
+
+def test_an_encoder_cannot_be_asked_to_generate_text():
+    assert pipeline.check_task(LLAMA, "text-generation") == "text-generation"
+    assert pipeline.check_task(GPT2, "text-generation") == "text-generation"
+    assert pipeline.check_task(BERT, "feature-extraction") == "feature-extraction"
+    with pytest.raises(UnsupportedModel, match="BertModel is an encoder .* --task "
+                                               "feature-extraction"):
+        pipeline.check_task(BERT, "text-generation")
+
+
+def test_a_vocabulary_that_cannot_be_loaded_is_refused_before_any_work(tmp_path):
+    from exporters.errors import SourceError
+
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Nope"}}')
+    with pytest.raises(SourceError, match="tokenizer.json cannot be loaded: ") as err:
+        pipeline.check_tokenizer(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_served_figures_refuse_a_tokenizer_that_differs_from_the_reference():
+    pipeline.check_served({"served_tokenizer_match": 1.0})
+    with pytest.raises(ValidationFailed, match="encodes 25% of the validation prompts"):
+        pipeline.check_served({"served_tokenizer_match": 0.75})
+
+
+def test_sliding_window():
+    assert pipeline.sliding_window({"sliding_window": 512}) == 512
+    assert pipeline.sliding_window({"sliding_window": None}) is None
+    assert pipeline.sliding_window(LLAMA) is None

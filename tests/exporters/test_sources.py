@@ -45,7 +45,8 @@ def test_a_gguf_that_is_not_an_llm(tmp_path):
 
 def test_unknown_builtin():
     with pytest.raises(SourceError,
-                       match="built-in models: all-minilm-l6-v2, smollm2-135m-instruct"):
+                       match="built-in models: all-minilm-l6-v2, gemma3-270m, "
+                             "smollm2-135m-instruct"):
         resolve_source("builtin:gpt-5")
 
 
@@ -86,3 +87,21 @@ def test_builtin_resolves_to_a_dequantized_hf_folder(smollm2_source_dir):
     cfg = src.config()
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_hidden_layers"] == 30
     assert (src.hf_dir / "tokenizer.json").is_file()
+
+
+def test_a_gguf_tensor_type_the_loader_cannot_dequantize(tmp_path, monkeypatch):
+    from gguf import GGMLQuantizationType
+
+    from tests.exporters.gguf_support import write_tiny_llama_gguf
+
+    monkeypatch.setenv("EDGEGEN_CACHE", str(tmp_path / "cache"))
+    path = write_tiny_llama_gguf(tmp_path / "q8k.gguf", raw_types={
+        "blk.1.ffn_down.weight": GGMLQuantizationType.Q8_K})
+    with pytest.raises(UnsupportedModel) as info:
+        resolve_source(str(path))
+    message = str(info.value)
+    assert "tensor blk.1.ffn_down.weight is Q8_K" in message
+    assert "cannot dequantize" in message and "\n" not in message
+    # refused before transformers loaded the file: nothing was dequantized into the cache
+    assert not (tmp_path / "cache" / "sources").exists() or not any(
+        (tmp_path / "cache" / "sources").iterdir())
