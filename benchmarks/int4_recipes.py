@@ -7,8 +7,9 @@ whose export fails is listed with its error), and reported with:
 - from the manifest's validation figures (``exporters.validation``): teacher-forced top-1
   agreement on the 64 continuation positions, perplexity on the built-in eval text and its
   increase over the PyTorch fp32 reference;
-- over every position of that eval text (302 for SmolLM2, a finer measure than 64): top-1
-  agreement with the reference and the mean KL divergence of the next-token distributions;
+- over every next-token position of that eval text (301 for SmolLM2, a finer measure than
+  64): top-1 agreement with the reference and the mean KL divergence of the next-token
+  distributions;
 - decode tok/s through the agent's own engine (``edge_agent.engine.loader.load_engine``,
   loaded as ``edgegen agent`` loads it; batch 1, greedy, EOS ignored), as a ratio to the
   baseline (``rtn-bs32``, the builder's plain round-to-nearest): every round runs the
@@ -219,7 +220,7 @@ def rows(results: dict[str, dict]) -> list[list[str]]:
             name, f"{v['teacher_forced_top1_agreement']:.1%}", f"{v['perplexity']:.3f}",
             f"{v['ppl_increase_pct']:+.2f} %" + (" (gate: refused)" if gate.get("forced") else ""),
             f"{res['eval_top1']:.1%}", f"{res['eval_kl']:.4f}",
-            spread(res["ratios"]), f"{statistics.median(res['tps']):.1f}",
+            spread(res["ratios"]),
             f"{res['size_mb']:.1f}",
             f"{res['build_s']:.0f} / "
             + (f"{res['export_s']:.0f}" if res["export_s"] is not None else "(reused)"),
@@ -229,7 +230,7 @@ def rows(results: dict[str, dict]) -> list[list[str]]:
 
 HEADER = ["recipe", "top-1 agreement", "perplexity", "vs fp32", "eval-text top-1",
           "eval-text KL", f"decode speed / {BASELINE}",
-          "tok/s (this run)", "bundle MB", "export s (build / all)"]
+          "bundle MB", "export s (build / all)"]
 
 
 def main() -> None:
