@@ -208,13 +208,13 @@ def test_genai_export_follows_a_chosen_recipe(tiny_llama_dir, tmp_path):
 
 
 def test_optimum_int4_export_records_its_recipe(tiny_llama_dir, tmp_path):
-    """The default recipe on the optimum path: the sensitive layers' v and down projections
-    in int8 (the first of two layers). Optimum's tied lm_head reads the embedding
+    """A mixed recipe on the optimum path: the sensitive layers' v and down projections in
+    int8 (the first of two layers). Optimum's tied lm_head reads the embedding
     through a Transpose: it stays fp32, and the manifest says so."""
     b = export_model(str(tiny_llama_dir), precision="int4", exporter="optimum", store=tmp_path,
-                     threads=THREADS, force=True)
+                     threads=THREADS, force=True, int4_recipe="rtn-bs64-mixed")
     q = b.manifest["quantization"]
-    assert q["method"] == int4_recipe.DEFAULT.method and q["lm_head"] == "fp32"
+    assert q["method"] == "rtn" and q["lm_head"] == "fp32"
     assert q["sensitive_layers"] == "int8" and q["block_size"] == 64
     bits = {name: a["bits"] for name, a in _matmulnbits(b).items()}
     wide = {name for name, n in bits.items() if n == 8}
