@@ -450,13 +450,9 @@ _CHILDREN: list[subprocess.Popen] = []
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    from tests.support.procs import stop_process
+
+    stop_process(proc, timeout=30)
 
 
 def _stop_all_children() -> None:

@@ -116,9 +116,12 @@ def build_tokenizer(vocab: SpmVocab) -> Tokenizer:
 
 def _post_processor(vocab: SpmVocab):
     """BOS/EOS added around a sequence as the GGUF asks (``add_special_tokens=True``)."""
-    head = [vocab.tokens[vocab.bos_id]] if vocab.add_bos and vocab.bos_id is not None else []
-    tail = [vocab.tokens[vocab.eos_id]] if vocab.add_eos and vocab.eos_id is not None else []
-    specials = [(piece, vocab.tokens.index(piece)) for piece in dict.fromkeys(head + tail)]
+    bos = vocab.bos_id if vocab.add_bos else None
+    eos = vocab.eos_id if vocab.add_eos else None
+    head = [vocab.tokens[bos]] if bos is not None else []
+    tail = [vocab.tokens[eos]] if eos is not None else []
+    # by id: a piece's first index in a 262k list is slow to find, and not always its id
+    specials = [(vocab.tokens[i], i) for i in dict.fromkeys(i for i in (bos, eos) if i is not None)]
     return processors.TemplateProcessing(
         single=" ".join(head + ["$A"] + tail),
         pair=" ".join(head + ["$A"] + tail + ["$B:1"] + tail),

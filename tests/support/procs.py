@@ -15,6 +15,18 @@ import httpx
 REPO = Path(__file__).resolve().parents[2]
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
@@ -70,13 +82,7 @@ class EdgegenProcess:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, timeout)
         self._log.close()
         return self.proc.returncode
 
