@@ -29,6 +29,11 @@ def agent(
         help="Streaming: after a sequence's first token, hand its new tokens to the client "
              "every this many ms (0: after every step). Each SSE event is still one token; "
              "fewer writes save CPU on small nodes."),
+    prefix_cache_mb: int = typer.Option(
+        256, "--prefix-cache-mb", min=0,
+        help="RAM for the prefix cache: the KV of prompt prefixes (system prompts, chat "
+             "history) that later requests starting with the same tokens reuse instead of "
+             "reading again; least recently used blocks go first. 0 turns it off."),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout",
                                         help="Seconds in-flight requests get on SIGTERM."),
     store: Path = typer.Option(None, "--store", help="Bundle cache (default: $EDGEGEN_STORE or "
@@ -95,7 +100,7 @@ def agent(
         bundle=bundle, node=node, tier=tier, region=region, zone=zone, lat=lat, lon=lon,
         host=host, port=port, device=device, threads=threads, max_concurrency=max_concurrency,
         queue_size=queue_size, max_tokens_default=max_tokens_default,
-        stream_interval_ms=stream_interval_ms,
+        stream_interval_ms=stream_interval_ms, prefix_cache_mb=prefix_cache_mb,
         drain_timeout=drain_timeout, admin_token=admin_token, consul=consul, mqtt=mqtt,
         mqtt_ca_file=mqtt_ca_file, mqtt_username=mqtt_username, mqtt_password=mqtt_password,
         mqtt_coalesce_ms=mqtt_coalesce_ms,

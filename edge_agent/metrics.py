@@ -37,6 +37,13 @@ class AgentMetrics:
                                         "Completion tokens generated.", registry=r)
         self.prompt_tokens = Counter("edgegen_prompt_tokens", "Prompt tokens processed.",
                                      registry=r)
+        # as vLLM counts them: hit rate = hits / queries, in tokens
+        self.prefix_cache_queries = Counter(
+            "edgegen_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+            registry=r)
+        self.prefix_cache_hits = Counter(
+            "edgegen_prefix_cache_hits", "Prompt tokens found in the prefix cache (not read "
+            "again).", registry=r)
         self.queue_depth = Gauge("edgegen_queue_depth", "Requests waiting for a decoding slot.",
                                  registry=r)
         self.inflight = Gauge("edgegen_inflight_requests",

@@ -30,6 +30,7 @@ class AgentSettings:
     queue_size: int = 16              # requests waiting beyond max_concurrency before 429
     max_tokens_default: int = 256     # when a request names no max_tokens
     stream_interval_ms: int = 20      # streams get new tokens every N ms (0: every step)
+    prefix_cache_mb: int = 256        # RAM for the KV of cached prompt prefixes (0: no cache)
     drain_timeout: float = 30.0       # seconds in-flight requests get on SIGTERM or bundle swap
     admin_token: str | None = field(default=None, repr=False)  # bearer for POST /edgegen/v1/bundle
     store: Path = field(default_factory=default_store)  # content-addressed bundle cache

@@ -23,7 +23,8 @@ from exporters import int4_recipe
 from exporters.errors import ExportError, ExportOptionError, UnsupportedModel
 from exporters.graph_fusion import fuse_matmulnbits_siblings
 from exporters.int4_recipe import Int4Recipe
-from exporters.onnx_graph import align_local_attention, layer_windows
+from edge_agent.bundle.format import LAST_LOGITS_GRAPH
+from exporters.onnx_graph import align_local_attention, layer_windows, write_last_logits_graph
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def build(hf_dir: Path, out_dir: Path, *, precision: str, device: str, context_l
                  extra={"layers": moved})
     if device == "cpu":
         fuse_matmulnbits_siblings(out_dir / "model.onnx")
+        # what the agent's CPU engine runs (edge_agent.engine.batch); GPUs use model.onnx
+        write_last_logits_graph(out_dir / "model.onnx", out_dir / LAST_LOGITS_GRAPH)
     return quantization
 
 

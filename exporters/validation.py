@@ -118,20 +118,14 @@ def _served(engine, ref: Reference, used: list[str], continuations: list) -> dic
 
 
 def _greedy(engine, prompt_ids: list[list[int]]) -> list[list[int]]:
-    from edge_agent.engine.base import SamplingParams
+    from edge_agent.engine.base import SamplingParams, generate
 
     params = SamplingParams(max_tokens=CONTINUATION_TOKENS, temperature=0.0, ignore_eos=True)
-    seqs = [engine.start(ids, params) for ids in prompt_ids]
-    try:
-        for _ in range(CONTINUATION_TOKENS):
-            for seq, token in zip(seqs, engine.step(seqs)):
-                if isinstance(token, Exception):
-                    raise ValidationFailed(f"the agent's engine failed to generate: {token}")
-                seq.generated.append(token)
-    finally:
-        for seq in seqs:
-            engine.release(seq)
-    return [seq.generated for seq in seqs]
+    out = generate(engine, prompt_ids, params)
+    for tokens in out:
+        if isinstance(tokens, Exception):
+            raise ValidationFailed(f"the agent's engine failed to generate: {tokens}")
+    return out
 
 
 def _prefix(got: list[int], want: list[int]) -> int:

@@ -7,6 +7,8 @@ Layout (see DESIGN.md)::
       model.onnx [+ model.onnx.data]
       tokenizer.json tokenizer_config.json chat_template.jinja config.json generation_config.json
       genai_config.json       (bundles whose runtime is onnxruntime-genai)
+      model.last_logits.onnx  (genai CPU bundles) the same graph and weights file, logits of
+                              the last position only: what the agent's CPU engine runs
       edgegen.sig             signatures over the digest (signed bundles; not in ``files``)
 
 The digest is the sha256 of the manifest in canonical JSON (sorted keys, no spaces). The
@@ -40,6 +42,9 @@ MANIFEST_NAME = "edgegen.json"
 # Signatures over the manifest digest (edge_agent.bundle.signing): beside the manifest, never
 # listed in its ``files``, so signing does not change the digest.
 SIGNATURES_NAME = "edgegen.sig"
+# A genai bundle's decoder with the lm_head applied to the last position only (a prompt needs
+# one row of logits, not [tokens, vocab]); it reads the same model.onnx.data.
+LAST_LOGITS_GRAPH = "model.last_logits.onnx"
 TASKS = ("text-generation", "feature-extraction")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 RUNTIMES = ("onnxruntime-genai", "onnxruntime")

@@ -4,7 +4,9 @@ An engine owns a loaded model and knows how to prefill a prompt and decode one t
 time for several sequences; it knows nothing of HTTP, queues or text. The scheduler drives
 it from a single worker thread, so engines need not be thread-safe. Implementations:
 
-- ``genai.GenaiEngine``      runtime "onnxruntime-genai" (the builder's fused graph)
+- ``batch.BatchEngine``      runtime "onnxruntime-genai" on CPU (the builder's fused graph,
+                              driven by onnxruntime: chunked prefill, prefix cache, batching)
+- ``genai.GenaiEngine``      runtime "onnxruntime-genai" on GPUs (onnxruntime-genai's loop)
 - ``ort_loop.OrtEngine``     runtime "onnxruntime" (optimum exports; numpy loop)
 - ``embed.EmbeddingEngine``  task "feature-extraction"
 
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer
 
+from edge_agent.engine.prefix_cache import PrefixCache
 from edge_agent.errors import BundleFormatError, GenerationError
 
 if TYPE_CHECKING:
@@ -52,12 +55,14 @@ class SequenceState:
     params: SamplingParams
     data: Any = None
     generated: list[int] = field(default_factory=list)
+    cached_tokens: int = 0   # prompt tokens taken from the prefix cache, not read again
 
 
-# What a step gives each sequence: its next token, or the error that ended it alone (its
-# prefill or its sampler failed). An engine raises only for what fails the whole step (the
-# batched forward pass), which ends every sequence in it.
-StepResult = int | GenerationError
+# What a step gives each sequence: its next token, None while its prompt is still being read
+# (chunked prefill), or the error that ended it alone (its prefill or its sampler failed). An
+# engine raises only for what fails the whole step (the batched forward pass), which ends
+# every sequence in it.
+StepResult = int | GenerationError | None
 
 
 def step_one(seq: SequenceState, next_token) -> StepResult:
@@ -79,10 +84,14 @@ class GenerationEngine(ABC):
     tokenizer: Tokenizer
     context_length: int
     eos_token_ids: frozenset[int]
+    prefix_cache: PrefixCache | None = None   # engines that reuse prompt prefixes set one
 
     @abstractmethod
-    def start(self, prompt_ids: list[int], params: SamplingParams) -> SequenceState:
-        """Allocate a sequence for ``prompt_ids``; the prompt is consumed by the first step."""
+    def start(self, prompt_ids: list[int], params: SamplingParams, *,
+              cache_salt: str | None = None) -> SequenceState:
+        """Allocate a sequence for ``prompt_ids``; the prompt is read by the next step(s).
+        ``cache_salt`` keeps its prefix-cache entries apart from other tenants' (engines
+        without a prefix cache ignore it)."""
 
     @abstractmethod
     def step(self, seqs: list[SequenceState]) -> list[StepResult]:
@@ -93,8 +102,38 @@ class GenerationEngine(ABC):
         """Free what the engine holds for ``seq`` (KV cache)."""
         seq.data = None
 
+    def has_idle_work(self) -> bool:
+        """Whether ``idle_step`` has something to do (e.g. fill the prefix cache)."""
+        return False
+
+    def idle_step(self) -> None:
+        """A short piece of background work, run only while no request is queued or running;
+        a request that arrives meanwhile waits for at most one such piece."""
+
     def close(self) -> None:
         """Free the model."""
+
+
+def generate(engine: GenerationEngine, prompts: list[list[int]],
+             params: SamplingParams) -> list[list[int] | GenerationError]:
+    """Every prompt started at once and stepped together until it has ``params.max_tokens``
+    tokens, as the scheduler steps requests that arrive together (for validation, tests and
+    benchmarks: no EOS or stop handling). A sequence that fails gives its error."""
+    seqs = [engine.start(ids, params) for ids in prompts]
+    out: dict[int, list[int] | GenerationError] = {}
+    try:
+        while live := [s for s in seqs if id(s) not in out]:
+            for seq, token in zip(live, engine.step(live)):
+                if isinstance(token, GenerationError):
+                    out[id(seq)] = token
+                elif token is not None:  # None: its prompt is still being read
+                    seq.generated.append(token)
+                    if len(seq.generated) >= params.max_tokens:
+                        out[id(seq)] = seq.generated
+    finally:
+        for seq in seqs:
+            engine.release(seq)
+    return [out[id(s)] for s in seqs]
 
 
 def load_tokenizer(bundle: Bundle) -> Tokenizer:

@@ -1,8 +1,10 @@
-"""Batched decoding of the genai builder's graph with plain onnxruntime.
+"""The CPU engine for genai bundles: the builder's graph driven by plain onnxruntime.
 
-onnxruntime-genai 0.15.2 decodes one ``og.Generator`` per sequence and its continuous-batching
-``og.Engine`` refuses every request on CPU, so several concurrent sequences would each read all
-the weights once per token. Here every decoding sequence advances in ONE session run per step.
+One onnxruntime session holds the weights, and every sequence runs on it: a lone one at
+batch 1 (as fast as onnxruntime-genai's own loop, measured), several in one run per decode
+step. onnxruntime-genai 0.15.2 cannot do this on CPU (its ``og.Engine`` refuses every
+request), has no prompt cache, and a second session for it would hold a second copy of the
+weights; it is kept for GPU bundles (``genai.GenaiEngine``).
 
 How the graph is driven (model.onnx from the genai builder, GroupQueryAttention):
 
@@ -10,53 +12,117 @@ How the graph is driven (model.onnx from the genai builder, GroupQueryAttention)
   ``total_sequence_length`` as ``attention_mask.shape[1]``; GQA places each row's new key/value
   at that row's own length and rotates by it. So the batch is *right*-padded: row ``b``'s
   mask holds ``length_b + 1`` ones then zeros, and padding after a row's length is never read.
-- KV lives in one preallocated buffer per ``past_key_values.<i>.key/value`` of shape
-  ``[rows, kv_heads, capacity, head_dim]``; past and present are bound (IO binding) to the same
-  memory, which GQA detects and then writes only the new position (no per-step cache copy,
-  like onnxruntime-genai's ``past_present_share_buffer``). The buffer grows by whole chunks.
-- A new sequence is prefilled alone (batch 1) straight into its row; a finished one is
-  removed by moving the last row into its place, so active rows are always ``[0, n)``.
+  The same holds for a run of several new tokens on top of a row's cache, which is how a
+  prompt is read in chunks, and after a prefix cache hit.
+- KV lives in one buffer ``[2 x layers, rows, kv_heads, capacity, head_dim]``; the graph's
+  ``past_key_values.<i>.key/value`` inputs and ``present.*`` outputs are bound (IO binding) to
+  views of the same memory, which GQA detects and then writes only the new positions (no
+  per-step cache copy). The buffer grows in whole chunks of positions and rows as used.
+- Active rows are always ``[0, n)``: a finished row is replaced by the last one.
 
-Sampling is ``edge_agent.engine.sampling`` on each row's last logits, as in the onnxruntime engine.
+A step (``step``) decodes every sequence that has its prompt read, in one run, then reads a
+chunk of one waiting prompt. While others decode, the chunk is sized so it takes about
+``PREFILL_SHARE`` decode steps (measured rates), so running streams keep receiving tokens
+while a long prompt is read, as llama.cpp's and vLLM's chunked prefill do; a sequence whose
+prompt is not fully read yet gets no token from the step (``None``).
+
+Prefix cache. Whole-block prompt prefixes are taken from and given to the engine's
+``PrefixCache``, and only KV computed by prefill runs is cached (``_place`` says why). A
+finished sequence's generated tokens were computed by decode runs, so they are not cached as
+they are; instead, when the agent is idle (``idle_step``), the conversation so far (prompt
+and reply) is re-read with prefill runs and cached, so the next turn of a chat, which sends
+that history back, finds it. This is exact, off the next request's critical path, and costs
+nothing while requests are running.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import mmap
+import time
+from collections import deque
+
 import numpy as np
 
-from edge_agent.engine.base import SamplingParams, SequenceState, StepResult, step_one
+from edge_agent.bundle import Bundle
+from edge_agent.bundle.format import LAST_LOGITS_GRAPH
+from edge_agent.engine.base import (
+    GenerationEngine,
+    SamplingParams,
+    SequenceState,
+    StepResult,
+    eos_token_ids,
+    load_tokenizer,
+    step_one,
+)
 from edge_agent.engine.ort import NUMPY_DTYPES, open_session, run_errors
+from edge_agent.engine.prefix_cache import PrefixCache
 from edge_agent.engine.sampling import make_rng, sample
 from edge_agent.errors import GenerationError, ModelLoadError
 
+log = logging.getLogger(__name__)
 
-_CHUNK = 256          # KV capacity grows in steps of this many positions
+_CHUNK = 256            # KV capacity grows in steps of this many positions
+MAX_PREFILL = 256       # tokens per prefill run: about the fastest run length measured here
+                        # (attention grows with it), and a bound on the [tokens, vocab] logits
+                        # of a bundle without the last-position graph
+MIN_PREFILL = 4         # the smallest chunk read while others decode (runs of 1 are decode)
+PREFILL_SHARE = 2.0     # a prompt chunk takes about this many decode steps' time
+IDLE_CHUNK = 32         # tokens re-read per idle step: a request arriving waits at most this
+REREAD_QUEUE = 8        # finished conversations waiting to be re-read (the newest kept)
 
 
 class BatchRow:
-    """One sequence's place in the batch: its row index, tokens in the cache, sampler."""
+    """One sequence's place in the batch: its row, the tokens in its cache, its sampler."""
 
-    __slots__ = ("index", "length", "rng")
+    __slots__ = ("index", "length", "rng", "salt")
 
-    def __init__(self, rng: np.random.Generator):
-        self.index = -1       # -1: not prefilled yet
-        self.length = 0
+    def __init__(self, rng: np.random.Generator, salt: str | None):
+        self.index = -1       # -1: no row yet
+        self.length = 0       # positions of the row's KV that hold this sequence's tokens
         self.rng = rng
+        self.salt = salt
 
 
-class BatchDecoder:
-    """Prefill one sequence at a time; decode all of them in one run per step."""
+def kv_buffer(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array in its own anonymous mapping, without transparent huge pages.
 
-    def __init__(self, model_path: str, decoder_config: dict, *, providers: list[str],
-                 threads: int, context_length: int, vocab_size: int):
-        # no spin-waiting: a lone sequence may still be decoding on onnxruntime-genai's own
-        # thread pool between our runs, and on a few cores spinning threads starve it
-        # (measured: 4 streams fell from ~220 to ~110 tok/s on 2 cores with spinning on)
-        self.session = open_session(model_path, providers=providers, threads=threads,
-                                    spinning=False)
-        names = decoder_config.get("inputs", {})
-        outs = decoder_config.get("outputs", {})
-        layers = int(decoder_config["num_hidden_layers"])
+    The agent runs with glibc's huge pages for its weights (edge_agent.hugepages); a KV buffer
+    of huge pages would be zero-filled 2 MB at a time wherever a row is first written (a
+    1.2k-token prompt's buffer took 0.55 s to set up, stalling every running stream, where
+    4 kB pages take 15 ms) and its RSS would jump by megabytes per row instead of growing
+    with the positions used."""
+    size = max(1, int(np.prod(shape))) * np.dtype(dtype).itemsize
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _ema(old: float, new: float) -> float:
+    return new if not old else 0.7 * old + 0.3 * new
+
+
+class BatchEngine(GenerationEngine):
+    """Genai bundles on CPU: chunked prefill, prefix cache, batched decode on one session."""
+
+    def __init__(self, bundle: Bundle, *, threads: int, providers: list[str] | None = None,
+                 prefix_cache_bytes: int = 0):
+        self.bundle = bundle
+        self.tokenizer = load_tokenizer(bundle)
+        self.eos_token_ids = eos_token_ids(bundle)
+        genai = json.loads(bundle.file("genai_config.json").read_text())["model"]
+        decoder = genai["decoder"]
+        self.context_length = min(bundle.context_length,
+                                  int(genai.get("context_length", bundle.context_length)))
+        # the decoder with last-position logits where the bundle has it (bundle.format)
+        graph = LAST_LOGITS_GRAPH if bundle.has_file(LAST_LOGITS_GRAPH) else decoder["filename"]
+        model_path = str(bundle.path / graph)
+        self.session = open_session(model_path, providers=providers or ["CPUExecutionProvider"],
+                                    threads=threads)
+        names, outs = decoder.get("inputs", {}), decoder.get("outputs", {})
+        layers = int(decoder["num_hidden_layers"])
         self.input_ids = names.get("input_ids", "input_ids")
         self.attention_mask = names.get("attention_mask", "attention_mask")
         self.logits = outs.get("logits", "logits")
@@ -71,39 +137,43 @@ class BatchDecoder:
             raise ModelLoadError(f"{model_path} lacks the inputs {sorted(missing)} that "
                                  "genai_config.json names")
         self.kv_dtype = NUMPY_DTYPES.get(inputs[self.kv_pairs[0][0]].type, np.float32)
-        self.kv_heads = int(decoder_config["num_key_value_heads"])
-        self.head_dim = int(decoder_config["head_size"])
-        self.context_length = context_length
+        self.kv_heads = int(decoder["num_key_value_heads"])
+        self.head_dim = int(decoder["head_size"])
         logits_out = {o.name: o for o in self.session.get_outputs()}[self.logits]
         self.logits_dtype = NUMPY_DTYPES.get(logits_out.type, np.float32)
         vocab = logits_out.shape[-1]
-        self.vocab = vocab if isinstance(vocab, int) else int(vocab_size)
-        self._binding = None
-        self._generation = 0  # bumped on every reallocation, so a cached binding is stale
+        self.vocab = vocab if isinstance(vocab, int) else int(genai.get("vocab_size", 0))
+        self.last_only = logits_out.shape[1] == 1  # the last-position graph
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.decode_s = 0.0       # moving averages, to size prompt chunks: a decode step,
+        self.chunk_tps = 0.0      # and the prompt tokens/s of chunks read beside decoding
+        self._bindings: dict[tuple[int, int], tuple] = {}  # (io binding, logits buffer)
+        # (history, salt, cache epoch): conversations to re-read when idle (release)
+        self._reread: deque[tuple[list[int], str | None, int]] = deque(maxlen=REREAD_QUEUE)
+        self._idle: SequenceState | None = None  # the conversation being re-read
         self.rows: list[SequenceState] = []
-        self.kv: list[np.ndarray] = []
+        self.kv = np.zeros((0,), dtype=self.kv_dtype)
         self._alloc(rows=4, capacity=_CHUNK)
 
     # -- the engine's calls -----------------------------------------------------------------
 
-    def start(self, prompt_ids: list[int], params: SamplingParams) -> SequenceState:
+    def start(self, prompt_ids: list[int], params: SamplingParams, *,
+              cache_salt: str | None = None) -> SequenceState:
+        if not prompt_ids:
+            raise GenerationError("empty prompt")
         return SequenceState(prompt_ids=list(prompt_ids), params=params,
-                             data=BatchRow(make_rng(params)))
-
-    def adopt(self, seq: SequenceState) -> None:
-        """Take over a sequence started elsewhere but not stepped yet: prefilled at its next step."""
-        if seq.generated:
-            raise GenerationError("cannot move a sequence that has begun decoding into the batch")
-        seq.data = BatchRow(make_rng(seq.params))
+                             data=BatchRow(make_rng(params), cache_salt))
 
     def step(self, seqs: list[SequenceState]) -> list[StepResult]:
-        """The next token of every sequence: decoders in one run, then each newcomer's prefill.
-
-        A failed decode run fails the step; a newcomer's prefill or one row's sampler fails
-        only that sequence."""
-        decoding = [s for s in seqs if s.data.index >= 0]
-        fresh = [s for s in seqs if s.data.index < 0]
-        tokens: dict[int, StepResult] = {}
+        """Decode every sequence whose prompt is read (one run), then read a chunk of the first
+        waiting prompt. A failed decode run fails the step; a prompt's failure or one row's
+        sampler fails only that sequence."""
+        if self._idle is not None:  # requests first: keep what the re-read has read so far
+            self.release(self._idle)
+            self._idle = None
+        decoding = [s for s in seqs if s.generated]
+        waiting = [s for s in seqs if not s.generated]
+        tokens: dict[int, StepResult] = {id(s): None for s in waiting}
         if decoding:
             with run_errors():
                 self._arrange(decoding)
@@ -111,43 +181,138 @@ class BatchDecoder:
             for b, seq in enumerate(decoding):
                 tokens[id(seq)] = step_one(seq, lambda s, row=logits[b, -1]: sample(
                     row, s.params, s.data.rng))
-        for seq in fresh:
-            tokens[id(seq)] = step_one(seq, self._prefill_and_sample)
+        if waiting:
+            budget = self._chunk_budget() if decoding else None
+            tokens[id(waiting[0])] = step_one(waiting[0], lambda s: self._read_prompt(
+                s, budget, beside_decoding=bool(decoding)))
         return [tokens[id(s)] for s in seqs]
-
-    def _prefill_and_sample(self, seq: SequenceState) -> int:
-        with run_errors():
-            logits = self._prefill(seq)
-        return sample(logits[0, -1], seq.params, seq.data.rng)
 
     def release(self, seq: SequenceState) -> None:
         row: BatchRow | None = seq.data
         if row is not None and row.index >= 0:
+            if not seq.generated:  # cancelled while its prompt was read: keep what was read
+                self._cache_row(seq, seq.prompt_ids[:row.length])
+            elif self.prefix_cache.enabled:
+                history = seq.prompt_ids + seq.generated[:-1]  # the last one was never read
+                block = self.prefix_cache.block_tokens
+                if len(history) // block > len(seq.prompt_ids) // block:
+                    self._reread.append((history, row.salt, self.prefix_cache.epoch))
             last = len(self.rows) - 1
             if row.index != last:
                 self._move(last, row.index)
             self.rows.pop()
             row.index = -1
-            if not self.rows and self.kv[0].shape[2] > _CHUNK:
-                self.kv = []  # idle: give back what a long or wide batch grew to
-                self._alloc(rows=4, capacity=_CHUNK)
+            # the buffer keeps the pages it has used: giving them back when idle made the next
+            # long prompt fault them in again (~30 ms of a 1.2k-token cache hit's 90 ms)
         seq.data = None
+
+    def has_idle_work(self) -> bool:
+        return self._idle is not None or bool(self._reread)
+
+    def idle_step(self) -> None:
+        """Re-read up to IDLE_CHUNK tokens of a finished conversation into the prefix cache."""
+        if self._idle is None:
+            self.prefix_cache.apply_reset()
+            history, salt, epoch = self._reread.pop()  # the newest: the likeliest continued
+            if epoch != self.prefix_cache.epoch:
+                return  # queued before a reset: it must not fill the cache again
+            self._idle = self.start(history, SamplingParams(max_tokens=1, temperature=0.0),
+                                    cache_salt=salt)
+        try:
+            done = self._read_prompt(self._idle, IDLE_CHUNK) is not None
+        except Exception as exc:  # noqa: BLE001 - a failed re-read costs only a cache entry
+            log.warning("prefix cache re-read failed", extra={"error": str(exc)})
+            done = True
+        if done:
+            self.release(self._idle)
+            self._idle = None
+
+    def close(self) -> None:
+        self._idle = None
+        self._reread.clear()
+        self.session = None
+        self._bindings = {}
+        self.kv = np.zeros((0,), dtype=self.kv_dtype)
+        self.rows = []
+        self.prefix_cache.clear()
+
+    # -- prompts ----------------------------------------------------------------------------
+
+    def _chunk_budget(self) -> int:
+        """Prompt tokens to read in a step that also decodes: about PREFILL_SHARE decode
+        steps' time at the rate measured for such chunks (small runs are slower per token
+        than a whole prompt's)."""
+        if not self.chunk_tps or not self.decode_s:
+            return MIN_PREFILL
+        tokens = int(self.chunk_tps * self.decode_s * PREFILL_SHARE)
+        return max(MIN_PREFILL, min(MAX_PREFILL, tokens))
+
+    def _read_prompt(self, seq: SequenceState, budget: int | None, *,
+                     beside_decoding: bool = False) -> int | None:
+        """Read up to ``budget`` more prompt tokens (all of them if None); the first token
+        once the whole prompt is read, else None."""
+        row: BatchRow = seq.data
+        prompt = seq.prompt_ids
+        if row.index < 0:
+            self._place(seq)
+        while row.length < len(prompt):
+            left = len(prompt) - row.length
+            n = min(left, MAX_PREFILL if budget is None else budget)
+            if left - n == 1:
+                n -= 1  # never leave one token: a 1-token run is the decode kernel (see _place)
+            started = time.perf_counter()
+            with run_errors():
+                logits = self._prefill(seq, prompt[row.length:row.length + n])
+            if beside_decoding:
+                self.chunk_tps = _ema(self.chunk_tps, n / (time.perf_counter() - started))
+            # cached as it is read: others with this head need not wait for its end, and a
+            # long prompt's copy is spread over its chunks instead of stalling one step
+            self._cache_row(seq, prompt[:row.length])
+            if budget is not None:
+                break
+        if row.length < len(prompt):
+            return None
+        return sample(logits[0, -1], seq.params, row.rng)
+
+    def _place(self, seq: SequenceState) -> None:
+        """Give ``seq`` the next free row, filled with its prompt's cached prefix.
+
+        Exactness: onnxruntime's attention computes a position's keys and values slightly
+        differently in a 1-token run (decode) than in a run of several (prefill); between
+        prefill runs of any widths >= 2 they are bit-identical (measured). So the cache holds
+        only positions read by prefill, and at least the prompt's last two tokens are read
+        again: a hit then gives the same logits, and the same greedy tokens, as no cache."""
+        row: BatchRow = seq.data
+        blocks = self.prefix_cache.lookup(seq.prompt_ids[:-2], row.salt)
+        cached = len(blocks) * self.prefix_cache.block_tokens
+        index = len(self.rows)
+        self._ensure(index + 1, len(seq.prompt_ids))
+        block = self.prefix_cache.block_tokens
+        for i, kv in enumerate(blocks):
+            self.kv[:, index, :, i * block:(i + 1) * block] = kv
+        row.index, row.length = index, cached
+        seq.cached_tokens = cached
+        self.rows.append(seq)
+
+    def _cache_row(self, seq: SequenceState, tokens: list[int]) -> None:
+        index = seq.data.index
+        self.prefix_cache.store(tokens, seq.data.salt,
+                                lambda a, b: self.kv[:, index, :, a:b].copy())
 
     # -- buffers ----------------------------------------------------------------------------
 
     def _alloc(self, rows: int, capacity: int) -> None:
-        """(Re)allocate the KV buffers, keeping what the active rows hold."""
-        shape = (rows, self.kv_heads, capacity, self.head_dim)
-        fresh = [np.zeros(shape, dtype=self.kv_dtype) for _ in self.kv_pairs]
-        if self.kv:
-            n, keep = len(self.rows), min(capacity, self.kv[0].shape[2])
-            for new, old in zip(fresh, self.kv):
-                new[:n, :, :keep] = old[:n, :, :keep]
+        """(Re)allocate the KV buffer, keeping what the active rows hold."""
+        fresh = kv_buffer((len(self.kv_pairs), rows, self.kv_heads, capacity, self.head_dim),
+                          self.kv_dtype)
+        if self.kv.ndim == 5:
+            n, keep = len(self.rows), min(capacity, self.kv.shape[3])
+            fresh[:, :n, :, :keep] = self.kv[:, :n, :, :keep]
         self.kv = fresh
-        self._generation += 1
+        self._bindings = {}
 
     def _ensure(self, rows: int, positions: int) -> None:
-        cur_rows, cur_cap = self.kv[0].shape[0], self.kv[0].shape[2]
+        cur_rows, cur_cap = self.kv.shape[1], self.kv.shape[3]
         if rows <= cur_rows and positions <= cur_cap:
             return
         if positions > self.context_length:
@@ -159,8 +324,7 @@ class BatchDecoder:
     def _move(self, src: int, dst: int) -> None:
         seq = self.rows[src]
         n = seq.data.length
-        for buf in self.kv:
-            buf[dst, :, :n] = buf[src, :, :n]
+        self.kv[:, dst, :, :n] = self.kv[:, src, :, :n]
         self.rows[dst] = seq
         seq.data.index = dst
 
@@ -171,23 +335,24 @@ class BatchDecoder:
             if i == b:
                 continue
             other = self.rows[b]
-            # swap rows b and i through a scratch copy of row b
             n = other.data.length
-            scratch = [buf[b, :, :n].copy() for buf in self.kv]
+            scratch = self.kv[:, b, :, :n].copy()  # swap rows b and i through a copy of b
             self._move(i, b)
-            for buf, saved in zip(self.kv, scratch):
-                buf[i, :, :n] = saved
+            self.kv[:, i, :, :n] = scratch
             self.rows[i] = other
             other.data.index = i
 
     # -- runs -------------------------------------------------------------------------------
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, first_row: int) -> np.ndarray:
-        """One session run for rows [first_row, first_row + batch) with the shared KV buffers."""
+        """One session run for rows [first_row, first_row + batch) with the shared KV buffer.
+
+        With the last-position graph the logits buffer is bound once per binding and reused:
+        the result is valid until the next run with the same rows (callers sample at once)."""
         batch, width = ids.shape
-        key = (first_row, batch, self._generation)
-        if self._binding is None or self._binding[0] != key:
-            # the KV views change only when rows join/leave or the buffers grow: rebinding
+        bound = self._bindings.get((first_row, batch))
+        if bound is None:
+            # the KV views change only when rows join/leave or the buffer grows: rebinding
             # 2 x layers tensors every step would cost more than a small batch's compute
             io = self.session.io_binding()
             for (past, present), buf in zip(self.kv_pairs, self.kv):
@@ -195,16 +360,25 @@ class BatchDecoder:
                 ptr = view.ctypes.data
                 io.bind_input(past, "cpu", 0, self.kv_dtype, view.shape, ptr)
                 io.bind_output(present, "cpu", 0, self.kv_dtype, view.shape, ptr)
-            self._binding = (key, io)
-        io = self._binding[1]
+            logits = None
+            if self.last_only:
+                logits = np.empty((batch, 1, self.vocab), dtype=self.logits_dtype)
+                self._bind_logits(io, logits)
+            bound = self._bindings[(first_row, batch)] = (io, logits)
+        io, logits = bound
         io.bind_cpu_input(self.input_ids, ids)
         io.bind_cpu_input(self.attention_mask, mask)
-        logits = np.empty((batch, width, self.vocab), dtype=self.logits_dtype)
-        io.bind_output(self.logits, "cpu", 0, self.logits_dtype, logits.shape, logits.ctypes.data)
+        if logits is None:  # a bundle without the last-position graph: [batch, width, vocab]
+            logits = np.empty((batch, width, self.vocab), dtype=self.logits_dtype)
+            self._bind_logits(io, logits)
         self.session.run_with_iobinding(io)
         return logits
 
+    def _bind_logits(self, io, logits: np.ndarray) -> None:
+        io.bind_output(self.logits, "cpu", 0, self.logits_dtype, logits.shape, logits.ctypes.data)
+
     def _decode(self, decoding: list[SequenceState]) -> np.ndarray:
+        started = time.perf_counter()
         lengths = np.fromiter((s.data.length for s in decoding), dtype=np.int64)
         total = int(lengths.max()) + 1
         self._ensure(len(self.rows), total)
@@ -213,28 +387,15 @@ class BatchDecoder:
         logits = self._run(ids, mask, 0)
         for seq in decoding:
             seq.data.length += 1
+        self.decode_s = _ema(self.decode_s, time.perf_counter() - started)
         return logits
 
-    def _prefill(self, seq: SequenceState) -> np.ndarray:
-        tokens = seq.prompt_ids
-        n = len(tokens)
-        if n == 0:
-            raise GenerationError("empty prompt")
-        row = len(self.rows)
-        self._ensure(row + 1, n)
-        seq.data.index = row
-        self.rows.append(seq)
+    def _prefill(self, seq: SequenceState, tokens: list[int]) -> np.ndarray:
+        """Read ``tokens`` into ``seq``'s row on top of what it holds."""
+        row: BatchRow = seq.data
+        total = row.length + len(tokens)
+        self._ensure(len(self.rows), total)
         ids = np.asarray([tokens], dtype=np.int64)
-        try:
-            logits = self._run(ids, np.ones((1, n), dtype=np.int64), row)
-        except Exception:
-            self.rows.pop()
-            seq.data.index = -1
-            raise
-        seq.data.length = n
+        logits = self._run(ids, np.ones((1, total), dtype=np.int64), row.index)
+        row.length = total
         return logits
-
-    def close(self) -> None:
-        self.session = None
-        self.kv = []
-        self.rows = []

@@ -34,9 +34,15 @@ def load_engine(bundle: Bundle, settings: AgentSettings):
 
         return EmbeddingEngine(bundle, providers=providers, threads=threads)
     if bundle.runtime == "onnxruntime-genai":
-        from edge_agent.engine.genai import GenaiEngine
+        if settings.device == "cpu" and os.environ.get("EDGEGEN_GENAI_BATCH", "1") != "0":
+            from edge_agent.engine.batch import BatchEngine
 
-        return GenaiEngine(bundle, device=settings.device, threads=threads, providers=providers)
+            return BatchEngine(bundle, threads=threads, providers=providers,
+                               prefix_cache_bytes=settings.prefix_cache_mb * 2**20)
+        from edge_agent.engine.genai import GenaiEngine  # GPUs; or EDGEGEN_GENAI_BATCH=0
+
+        return GenaiEngine(bundle, device=settings.device, threads=threads)
     from edge_agent.engine.ort_loop import OrtEngine
 
-    return OrtEngine(bundle, providers=providers, threads=threads)
+    return OrtEngine(bundle, providers=providers, threads=threads,
+                     prefix_cache_bytes=settings.prefix_cache_mb * 2**20)

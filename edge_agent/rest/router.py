@@ -130,15 +130,36 @@ async def get_bundle(request: Request) -> Response:
     return JSONResponse(_serving(request).models.bundle_info())
 
 
-@router.post("/edgegen/v1/bundle")
-async def post_bundle(request: Request) -> Response:
-    """Hot swap: body ``{"path": DIR}`` or ``{"url": URL}``; bearer admin token required."""
+def _admin_refusal(request: Request, what: str) -> Response | None:
+    """403 when the agent has no admin token, 401 for a wrong bearer; None: go ahead."""
     settings = request.app.state.settings
     if not settings.admin_token:
-        return _error_response(error(403, "bundle swaps are disabled (no --admin-token)"))
+        return _error_response(error(403, f"{what} are disabled (no --admin-token)"))
     given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
     if not hmac.compare_digest(given.encode(), settings.admin_token.encode()):
         return _error_response(error(401, "a valid admin bearer token is required"))
+    return None
+
+
+@router.post("/edgegen/v1/prefix-cache/reset")
+async def reset_prefix_cache(request: Request) -> Response:
+    """Forget the prefix cache (vLLM's ``/reset_prefix_cache``); bearer admin token required.
+    Requests running keep the KV they hold: only later lookups start empty."""
+    refused = _admin_refusal(request, "cache resets")
+    if refused is not None:
+        return refused
+    cache = _serving(request).models.prefix_cache()
+    if cache is not None:
+        cache.request_reset()
+    return JSONResponse({"reset": cache is not None})
+
+
+@router.post("/edgegen/v1/bundle")
+async def post_bundle(request: Request) -> Response:
+    """Hot swap: body ``{"path": DIR}`` or ``{"url": URL}``; bearer admin token required."""
+    refused = _admin_refusal(request, "bundle swaps")
+    if refused is not None:
+        return refused
     body = await _body(request)
     if isinstance(body, ErrorResult):
         return _error_response(body)

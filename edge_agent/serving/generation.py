@@ -40,6 +40,7 @@ from edge_agent.serving.protocol import (
     CompletionResponse,
     DeltaMessage,
     ErrorResult,
+    PromptTokensDetails,
     UsageInfo,
     dump_chunk,
     error,
@@ -136,7 +137,7 @@ class GenerationServing:
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=0 if req.top_k in (None, -1) else req.top_k,
             seed=req.seed, stop=req.stop_list(), ignore_eos=req.ignore_eos)
-        handle = model.scheduler.try_submit(prompt_ids, params)
+        handle = model.scheduler.try_submit(prompt_ids, params, cache_salt=req.cache_salt)
         if handle is None:
             return queue_full(model.scheduler.retry_after_s())
         self.metrics.prompt_tokens.inc(n_prompt)
@@ -161,16 +162,18 @@ class RequestMeta:
     started: float
     chat: bool
 
-    def usage(self, completion_tokens: int) -> UsageInfo:
-        return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=self.prompt_tokens + completion_tokens)
+    def usage(self, outcome: _Outcome) -> UsageInfo:
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens, completion_tokens=outcome.completion_tokens,
+            total_tokens=self.prompt_tokens + outcome.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=outcome.cached_tokens))
 
     def envelope(self) -> dict:
         """The fields every response object and chunk of this request shares."""
         return {"id": self.id, "created": self.created, "model": self.model}
 
-    def response(self, text: str, finish_reason: str | None, completion_tokens: int) -> dict:
-        usage = self.usage(completion_tokens)
+    def response(self, text: str, outcome: _Outcome) -> dict:
+        usage, finish_reason = self.usage(outcome), outcome.finish_reason
         if self.chat:
             choice = ChatCompletionChoice(index=0, message=AssistantMessage(content=text),
                                           finish_reason=finish_reason)
@@ -190,10 +193,9 @@ class RequestMeta:
                 CompletionChoice(index=0, text=content or "", finish_reason=finish)])
         return dump_chunk(chunk, with_usage)
 
-    def usage_chunk(self, completion_tokens: int) -> dict:
+    def usage_chunk(self, outcome: _Outcome) -> dict:
         cls = ChatCompletionChunk if self.chat else CompletionResponse
-        return dump_chunk(cls(**self.envelope(), choices=[],
-                              usage=self.usage(completion_tokens)), True)
+        return dump_chunk(cls(**self.envelope(), choices=[], usage=self.usage(outcome)), True)
 
 
 class ChunkStream:
@@ -222,6 +224,7 @@ class _Outcome:
 
     finish_reason: str | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0
     error: str | None = None
 
 
@@ -259,14 +262,19 @@ async def _generate(metrics: AgentMetrics, model: LoadedModel, handle: SequenceH
                 if tail:
                     yield tail
                 outcome.finish_reason = event.finish_reason
+        state = handle.state
         if not outcome.completion_tokens:  # ended by the scheduler: EOS counts, as in vLLM
-            state = handle.state
             outcome.completion_tokens = len(state.generated) if state is not None else 0
+        outcome.cached_tokens = state.cached_tokens if state is not None else 0
         yield outcome
     finally:
         handle.cancel()
         n = handle.state.generated if handle.state is not None else []
         metrics.generated_tokens.inc(len(n))
+        cache = model.engine.prefix_cache
+        if first_at is not None and cache is not None and cache.enabled:  # it was looked up
+            metrics.prefix_cache_queries.inc(len(handle.prompt_ids))
+            metrics.prefix_cache_hits.inc(handle.state.cached_tokens)
         if first_at is not None and consumed > 1:
             metrics.tpot.observe((last_at - first_at) / (consumed - 1))
 
@@ -285,7 +293,7 @@ async def _collect(metrics: AgentMetrics, meta: RequestMeta, stream) -> ErrorRes
     metrics.request_duration.labels(meta.endpoint).observe(time.monotonic() - meta.started)
     if outcome is None or outcome.error:
         return error(500, f"generation failed: {outcome.error if outcome else 'cancelled'}")
-    return meta.response("".join(parts), outcome.finish_reason, outcome.completion_tokens)
+    return meta.response("".join(parts), outcome)
 
 
 async def _stream_chunks(metrics: AgentMetrics, meta: RequestMeta, stream, include_usage: bool
@@ -300,7 +308,7 @@ async def _stream_chunks(metrics: AgentMetrics, meta: RequestMeta, stream, inclu
                     return
                 yield meta.chunk(None if meta.chat else "", item.finish_reason, include_usage)
                 if include_usage:
-                    yield meta.usage_chunk(item.completion_tokens)
+                    yield meta.usage_chunk(item)
                 return
             yield meta.chunk(item, None, include_usage)
     finally:

@@ -21,3 +21,8 @@ class ModelsServing:
         return {"name": b.name, "digest": b.digest, "digest12": b.digest12,
                 "precision": b.precision, "task": b.task, "runtime": b.runtime,
                 "context_length": b.context_length, "path": str(b.path)}
+
+    def prefix_cache(self):
+        """The served model's prefix cache, or None (embeddings, GPUs, --prefix-cache-mb 0)."""
+        cache = getattr(self.host.model.engine, "prefix_cache", None)
+        return cache if cache is not None and cache.enabled else None

@@ -26,6 +26,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictStr,
     ValidationError,
     field_validator,
     model_serializer,
@@ -121,6 +122,9 @@ class _Request(BaseModel):
     logprobs: Any = None
     user: str | None = None
     ignore_eos: bool = False
+    # vLLM's: requests share prefix-cache entries only when their salts are equal, so one
+    # tenant cannot learn from timing what another's prompts start with
+    cache_salt: StrictStr | None = Field(default=None, min_length=1, max_length=1024)
 
     @field_validator("stop")
     @classmethod
@@ -235,10 +239,15 @@ CompletionRequest.model_rebuild()
 
 # --- responses -------------------------------------------------------------------------------
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0      # prompt tokens taken from the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class AssistantMessage(BaseModel):

@@ -166,7 +166,7 @@ def test_backpressure_disconnect_and_graceful_drain(smollm2_int4_bundle, tmp_pat
         _poll(lambda: _metric(a.url, "edgegen_inflight_requests") == 0, 30,
               "the disconnected stream to free its slot")
         generated = _metric(a.url, "edgegen_generated_tokens_total")
-        assert generated < most
+        assert generated < most // 4  # stopped soon after the client left, not at the end
         assert httpx.get(a.url + "/readyz").status_code == 200
 
         # SIGTERM mid-stream: not ready and deregistered at once (the router stops choosing

@@ -217,22 +217,17 @@ def engine_together(bundle, prompt_ids: list[list[int]]) -> list[list[int]]:
     """The agent's engine as its loader loads it, every prompt started at once and stepped
     together, as the scheduler does with requests that arrive together: on genai bundles this
     is always the batch decoder, whatever the timing of HTTP requests."""
-    from edge_agent.engine.base import SamplingParams
+    from edge_agent.engine.base import SamplingParams, generate
     from edge_agent.engine.loader import load_engine
     from edge_agent.settings import AgentSettings
 
     engine = load_engine(bundle, AgentSettings(bundle=str(bundle.path), node="t", threads=2))
-    params = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
-    seqs = [engine.start(ids, params) for ids in prompt_ids]
     try:
-        for _ in range(N):
-            for seq, token in zip(seqs, engine.step(seqs)):
-                assert isinstance(token, int), token
-                seq.generated.append(token)
-        return [seq.generated for seq in seqs]
+        out = generate(engine, prompt_ids,
+                       SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True))
+        assert all(isinstance(tokens, list) for tokens in out), out
+        return out
     finally:
-        for seq in seqs:
-            engine.release(seq)
         engine.close()
 
 

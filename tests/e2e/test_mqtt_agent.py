@@ -129,6 +129,19 @@ def test_v5_non_streaming_and_shared_topic(agent, device):
     assert reply["choices"][0]["message"]["content"] == rest_answer(agent, body)
 
 
+def test_mqtt_requests_share_the_prefix_cache_with_rest(agent, device):
+    system = {"role": "system", "content": "You answer questions about the sea. " * 12}
+    rest = {"messages": [system, {"role": "user", "content": "Why is it salty?"}],
+            "max_tokens": 8, "temperature": 0}
+    r = httpx.post(agent.url + "/v1/chat/completions", json=rest, timeout=120).json()
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    mqtt = {**rest, "messages": [system, {"role": "user", "content": "Why is it blue?"}]}
+    [reply] = list(device.chat(mqtt, timeout=120))
+    cached = reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= 64 and cached % 16 == 0   # the system prompt's whole blocks
+    assert reply["choices"][0]["message"]["content"] == rest_answer(agent, mqtt)
+
+
 def test_v311_device_with_body_fields(agent, broker):
     body = chat_body("Count to three")
     with MqttChatClient(broker.url, v311=True, **broker.device_login()) as c:

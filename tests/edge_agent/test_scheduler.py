@@ -30,7 +30,7 @@ class CountingEngine(GenerationEngine):
         self.prefill_s = 0.0
         self.decode_s = 0.0
 
-    def start(self, prompt_ids, params):
+    def start(self, prompt_ids, params, *, cache_salt=None):
         return SequenceState(prompt_ids=list(prompt_ids), params=params)
 
     def step(self, seqs):
@@ -230,7 +230,7 @@ class FragileEngine(CountingEngine):
         super().__init__()
         self.fails_in = fails_in
 
-    def start(self, prompt_ids, params):
+    def start(self, prompt_ids, params, *, cache_salt=None):
         if self.fails_in == "start" and prompt_ids[-1] == 13:
             raise ValueError("expected non-negative integer")  # numpy's, from a bad seed
         return super().start(prompt_ids, params)

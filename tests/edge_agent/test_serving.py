@@ -284,7 +284,8 @@ def test_a_prompt_must_leave_room_for_one_token(bundle, bpe_tokenizer):
     result, _ = serve(bundle, engine, "create_completion", {"prompt": list(range(3, 19))})
     assert_error(result, 400, "prompt", "context_length_exceeded")
     result, _ = serve(bundle, engine, "create_completion", {"prompt": list(range(3, 18))})
-    assert result["usage"] == {"prompt_tokens": 15, "completion_tokens": 1, "total_tokens": 16}
+    assert result["usage"] == {"prompt_tokens": 15, "completion_tokens": 1, "total_tokens": 16,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
     assert result["choices"][0]["finish_reason"] == "length"
 
 
@@ -343,7 +344,8 @@ def test_chat_response_shape_usage_and_eos(bundle, engine, bpe_tokenizer):
     assert choice["message"] == {"role": "assistant", "content": REPLY}
     # EOS is a generated token and counts, as in vLLM and OpenAI
     assert result["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": n_reply + 1,
-                               "total_tokens": n_prompt + n_reply + 1}
+                               "total_tokens": n_prompt + n_reply + 1,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
     assert stack.requests(CHAT, 200) == 1
     assert stack.sample("edgegen_prompt_tokens_total") == n_prompt
     assert stack.sample("edgegen_generated_tokens_total") == n_reply + 1
@@ -359,7 +361,8 @@ def test_completion_response_shape_and_usage(bundle, engine, bpe_tokenizer):
     [choice] = result["choices"]
     assert choice["text"] == REPLY and choice["finish_reason"] == "stop"
     assert result["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": n_reply + 1,
-                               "total_tokens": n_prompt + n_reply + 1}
+                               "total_tokens": n_prompt + n_reply + 1,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
     assert stack.requests(COMPLETIONS, 200) == 1
 
 
@@ -457,7 +460,8 @@ def test_chat_stream_chunks(bundle, engine, bpe_tokenizer, include_usage):
         last = chunks[-1]
         assert last["choices"] == []
         assert last["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": n_reply + 1,
-                                 "total_tokens": n_prompt + n_reply + 1}
+                                 "total_tokens": n_prompt + n_reply + 1,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
         assert all(c["usage"] is None for c in chunks[:-1])
     else:
         assert all("usage" not in c for c in chunks) and chunks[-1]["choices"]
@@ -480,7 +484,8 @@ def test_completion_stream_chunks(bundle, engine, bpe_tokenizer, include_usage):
         n_prompt = len(ids(bpe_tokenizer, QUESTION))
         assert chunks[-1]["choices"] == []
         assert chunks[-1]["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 5,
-                                       "total_tokens": n_prompt + 5}
+                                       "total_tokens": n_prompt + 5,
+                                       "prompt_tokens_details": {"cached_tokens": 0}}
     else:
         assert all("usage" not in c for c in chunks)
     assert stack.requests(COMPLETIONS, 200) == 1

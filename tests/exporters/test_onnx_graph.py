@@ -82,3 +82,33 @@ def test_layer_windows_as_transformers_reads_the_config(config, expected, tmp_pa
 
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert layer_windows(tmp_path) == expected
+
+
+def test_the_last_logits_graph_gives_the_full_graphs_last_row_bit_for_bit(tiny_genai_bundle):
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from edge_agent.bundle.format import LAST_LOGITS_GRAPH
+    from edge_agent.engine.batch import BatchEngine
+
+    assert tiny_genai_bundle.has_file(LAST_LOGITS_GRAPH)   # written by the genai CPU export
+    sessions = [ort.InferenceSession(str(tiny_genai_bundle.file(name)),
+                                     providers=["CPUExecutionProvider"])
+                for name in ("model.onnx", LAST_LOGITS_GRAPH)]
+    feeds = {"input_ids": np.arange(100, 140, dtype=np.int64)[None],
+             "attention_mask": np.ones((1, 40), dtype=np.int64)}
+    genai = json.loads(tiny_genai_bundle.file("genai_config.json").read_text())["model"]
+    heads, size = genai["decoder"]["num_key_value_heads"], genai["decoder"]["head_size"]
+    for i in sessions[0].get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((1, heads, 0, size), dtype=np.float32)
+    full, last = (s.run(["logits"], feeds)[0] for s in sessions)
+    assert full.shape[1] == 40 and last.shape[1] == 1
+    assert np.array_equal(full[:, -1], last[:, 0])
+    engine = BatchEngine(tiny_genai_bundle, threads=1)
+    try:
+        assert engine.last_only   # the agent's CPU engine runs it
+    finally:
+        engine.close()

@@ -95,6 +95,7 @@ class FakeEngine(GenerationEngine):
         self.fail_at = fail_at
         self.failure = failure
         self.prompts: list[list[int]] = []
+        self.salts: list[str | None] = []   # each start's cache_salt
         self.batches: list[int] = []
         self.released = 0
         self.closed = False
@@ -106,8 +107,10 @@ class FakeEngine(GenerationEngine):
     def reply_ids(self, reply: Reply) -> list[int]:
         return self.tokenizer.encode(reply.text, add_special_tokens=False).ids
 
-    def start(self, prompt_ids: list[int], params: SamplingParams) -> SequenceState:
+    def start(self, prompt_ids: list[int], params: SamplingParams, *,
+              cache_salt: str | None = None) -> SequenceState:
         self.prompts.append(list(prompt_ids))
+        self.salts.append(cache_salt)
         reply = self.reply_for(prompt_ids)
         script = self.reply_ids(reply)
         if not script and not reply.eos:
