@@ -26,13 +26,11 @@ chunk of one waiting prompt. While others decode, the chunk is sized so it takes
 while a long prompt is read, as llama.cpp's and vLLM's chunked prefill do; a sequence whose
 prompt is not fully read yet gets no token from the step (``None``).
 
-Prefix cache. Whole-block prompt prefixes are taken from and given to the engine's
-``PrefixCache``, and only KV computed by prefill runs is cached (``_place`` says why). A
-finished sequence's generated tokens were computed by decode runs, so they are not cached as
-they are; instead, when the agent is idle (``idle_step``), the conversation so far (prompt
-and reply) is re-read with prefill runs and cached, so the next turn of a chat, which sends
-that history back, finds it. This is exact, off the next request's critical path, and costs
-nothing while requests are running.
+Prefix cache. Whole-block prompt prefixes come from and go to the engine's ``PrefixCache``;
+only KV computed by prefill runs is cached (``_place`` says why). A reply, computed by decode
+runs, is re-read with prefill runs when the agent is idle (``idle_step``) and cached, so the
+next turn of a chat, which sends that history back, finds it: exact, off the next request's
+critical path, and free while requests are running.
 """
 
 from __future__ import annotations
@@ -64,9 +62,8 @@ from edge_agent.errors import GenerationError, ModelLoadError
 log = logging.getLogger(__name__)
 
 _CHUNK = 256            # KV capacity grows in steps of this many positions
-MAX_PREFILL = 256       # tokens per prefill run: about the fastest run length measured here
-                        # (attention grows with it), and a bound on the [tokens, vocab] logits
-                        # of a bundle without the last-position graph
+MAX_PREFILL = 256       # tokens per prefill run: about the fastest here; bounds the logits
+                        # [tokens, vocab] of a bundle without the last-position graph
 MIN_PREFILL = 4         # the smallest chunk read while others decode (runs of 1 are decode)
 PREFILL_SHARE = 2.0     # a prompt chunk takes about this many decode steps' time
 IDLE_CHUNK = 32         # tokens re-read per idle step: a request arriving waits at most this
@@ -76,23 +73,21 @@ REREAD_QUEUE = 8        # finished conversations waiting to be re-read (the newe
 class BatchRow:
     """One sequence's place in the batch: its row, the tokens in its cache, its sampler."""
 
-    __slots__ = ("index", "length", "rng", "salt")
+    __slots__ = ("epoch", "index", "length", "rng", "salt")
 
     def __init__(self, rng: np.random.Generator, salt: str | None):
         self.index = -1       # -1: no row yet
         self.length = 0       # positions of the row's KV that hold this sequence's tokens
         self.rng = rng
         self.salt = salt
+        self.epoch = 0        # the prefix cache's epoch when the row was placed
 
 
 def kv_buffer(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A zeroed array in its own anonymous mapping, without transparent huge pages.
-
-    The agent runs with glibc's huge pages for its weights (edge_agent.hugepages); a KV buffer
-    of huge pages would be zero-filled 2 MB at a time wherever a row is first written (a
-    1.2k-token prompt's buffer took 0.55 s to set up, stalling every running stream, where
-    4 kB pages take 15 ms) and its RSS would jump by megabytes per row instead of growing
-    with the positions used."""
+    """A zeroed array in its own anonymous mapping, without transparent huge pages: with the
+    agent's huge pages (edge_agent.hugepages) a KV buffer is zero-filled 2 MB at a time where a
+    row is first written (0.55 s for a 1.2k-token prompt's, stalling every stream; 15 ms with
+    4 kB pages), and its RSS jumps by megabytes per row instead of growing with its use."""
     size = max(1, int(np.prod(shape))) * np.dtype(dtype).itemsize
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
@@ -196,7 +191,7 @@ class BatchEngine(GenerationEngine):
                 history = seq.prompt_ids + seq.generated[:-1]  # the last one was never read
                 block = self.prefix_cache.block_tokens
                 if len(history) // block > len(seq.prompt_ids) // block:
-                    self._reread.append((history, row.salt, self.prefix_cache.epoch))
+                    self._reread.append((history, row.salt, row.epoch))
             last = len(self.rows) - 1
             if row.index != last:
                 self._move(last, row.index)
@@ -215,7 +210,7 @@ class BatchEngine(GenerationEngine):
             self.prefix_cache.apply_reset()
             history, salt, epoch = self._reread.pop()  # the newest: the likeliest continued
             if epoch != self.prefix_cache.epoch:
-                return  # queued before a reset: it must not fill the cache again
+                return  # placed before a reset: it must not fill the cache again
             self._idle = self.start(history, SamplingParams(max_tokens=1, temperature=0.0),
                                     cache_salt=salt)
         try:
@@ -290,14 +285,18 @@ class BatchEngine(GenerationEngine):
         block = self.prefix_cache.block_tokens
         for i, kv in enumerate(blocks):
             self.kv[:, index, :, i * block:(i + 1) * block] = kv
-        row.index, row.length = index, cached
+        row.index, row.length, row.epoch = index, cached, self.prefix_cache.epoch
         seq.cached_tokens = cached
         self.rows.append(seq)
 
     def _cache_row(self, seq: SequenceState, tokens: list[int]) -> None:
-        index = seq.data.index
-        self.prefix_cache.store(tokens, seq.data.salt,
-                                lambda a, b: self.kv[:, index, :, a:b].copy())
+        """Cache the row's whole blocks, unless the cache was reset since the row was placed
+        (a reset leaves no entry of a request admitted before it)."""
+        row: BatchRow = seq.data
+        self.prefix_cache.apply_reset()
+        if row.epoch == self.prefix_cache.epoch:
+            self.prefix_cache.store(tokens, row.salt,
+                                    lambda a, b, i=row.index: self.kv[:, i, :, a:b].copy())
 
     # -- buffers ----------------------------------------------------------------------------
 

@@ -110,9 +110,6 @@ class OrtEngine(GenerationEngine):
         self.prefix_cache.store(tokens, seq.data.salt,
                                 lambda a, b: np.stack([p[:, a:b] for p in past]))
 
-    def release(self, seq: SequenceState) -> None:
-        seq.data = None
-
     def close(self) -> None:
         self.session = None
         self.prefix_cache.clear()

@@ -49,6 +49,10 @@ class Status(BaseModel):
     status: str
 
 
+class PrefixCacheReset(BaseModel):
+    reset: bool  # False: this model has no prefix cache (embeddings, GPUs, size 0)
+
+
 GENERATION_ERRORS = (400, 404, 408, 413, 429, 500)
 # path → (method, request model, 200 model, 200 stream chunk model, error statuses)
 ROUTES: dict[str, tuple[str, type[BaseModel] | None, type[BaseModel] | None,
@@ -64,6 +68,7 @@ ROUTES: dict[str, tuple[str, type[BaseModel] | None, type[BaseModel] | None,
     "/edgegen/v1/bundle": ("get", None, BundleInfo, None, ()),
 }
 SWAP_ERRORS = (400, 401, 403, 408, 413)
+ADMIN_ERRORS = (401, 403)
 
 
 def _ref(model: type[BaseModel]) -> dict:
@@ -80,7 +85,7 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    models = {ErrorResponse, BundleInfo, BundleSwap}
+    models = {ErrorResponse, BundleInfo, BundleSwap, PrefixCacheReset}
     for path, (method, request, response, chunk, errors) in ROUTES.items():
         op = doc["paths"][path][method]
         if request is not None:
@@ -104,6 +109,14 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
     swap["responses"].update({str(s): {"description": "Error", "content": _json(ErrorResponse)}
                               for s in SWAP_ERRORS})
     swap["security"] = [{"bearer": []}]
+    reset = doc["paths"]["/edgegen/v1/prefix-cache/reset"]["post"]
+    reset["requestBody"] = {"required": False, "content": {"application/json": {"schema": {
+        "type": "object", "description": "No fields; the body is not read"}}}}
+    reset["responses"] = {"200": {"description": "Forgotten before the cache's next use",
+                                  "content": _json(PrefixCacheReset)}}
+    reset["responses"].update({str(s): {"description": "Error", "content": _json(ErrorResponse)}
+                               for s in ADMIN_ERRORS})
+    reset["security"] = [{"bearer": []}]
     doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     for model in models:  # the fields each model has (a delta's None fields are left out)
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -45,7 +45,8 @@ def test_agent_cli_reports_a_model_that_cannot_load_in_one_line(tiny_genai_bundl
     staging = staging_dir(store)
     for rel in tiny_genai_bundle.manifest["files"]:
         shutil.copy(tiny_genai_bundle.file(rel), staging / rel)
-    (staging / "model.onnx").write_bytes(b"not an onnx graph")
+    for graph in staging.glob("*.onnx"):  # model.onnx, and the CPU engine's model.last_logits
+        graph.write_bytes(b"not an onnx graph")
     manifest = {k: v for k, v in tiny_genai_bundle.manifest.items() if k != "files"}
     broken = write_bundle(staging, {**manifest, "name": "broken"}, store)
 

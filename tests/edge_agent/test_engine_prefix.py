@@ -208,3 +208,27 @@ def test_a_long_prompt_is_read_in_chunks_while_others_decode(tiny_genai_bundle):
     finally:
         engine.close()
         plain.close()
+
+
+def test_a_reset_leaves_no_entry_of_a_request_admitted_before_it(tiny_genai_bundle):
+    engine = make("genai", tiny_genai_bundle)
+    try:
+        running = engine.start(QUESTIONS[1], SamplingParams(max_tokens=500, temperature=0.0,
+                                                            ignore_eos=True))
+        running.generated.append(engine.step([running])[0])
+        long = engine.start(SYSTEM + QUESTIONS[0], GREEDY)
+        assert engine.step([running, long])[1] is None    # its first chunk is read
+        engine.prefix_cache.request_reset()               # e.g. from the admin endpoint
+        while not long.generated:
+            got_running, got_long = engine.step([running, long])
+            running.generated.append(got_running)
+            if got_long is not None:
+                long.generated.append(got_long)
+        engine.release(running)
+        engine.release(long)
+        while engine.has_idle_work():
+            engine.idle_step()                            # the re-read is dropped too
+        assert len(engine.prefix_cache) == 0
+        assert one(engine, SYSTEM + QUESTIONS[0])[1] == 0
+    finally:
+        engine.close()
