@@ -194,8 +194,7 @@ def reference(source, smollm2_source_dir):
 
 def served_texts(bundle, log_dir: Path, name: str) -> tuple[list, list]:
     """(text, completion tokens) per prompt from a real agent: one request after another (a
-    lone greedy sequence: onnxruntime-genai's loop on genai bundles), then all at once (the
-    batch decoder, one onnxruntime run for every sequence)."""
+    lone sequence, batch 1), then all at once (one onnxruntime run for every sequence)."""
     agent = start_agent(bundle.path, log_dir, name)
 
     def complete(prompt: str) -> tuple[str, int]:
@@ -215,8 +214,8 @@ def served_texts(bundle, log_dir: Path, name: str) -> tuple[list, list]:
 
 def engine_together(bundle, prompt_ids: list[list[int]]) -> list[list[int]]:
     """The agent's engine as its loader loads it, every prompt started at once and stepped
-    together, as the scheduler does with requests that arrive together: on genai bundles this
-    is always the batch decoder, whatever the timing of HTTP requests."""
+    together, as the scheduler does with requests that arrive together: batched, whatever the
+    timing of HTTP requests."""
     from edge_agent.engine.base import SamplingParams, generate
     from edge_agent.engine.loader import load_engine
     from edge_agent.settings import AgentSettings

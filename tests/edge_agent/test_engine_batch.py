@@ -50,7 +50,7 @@ def engine(tiny_genai_bundle):
 def drive(engine, prompt_ids, join_at, params_for) -> tuple[list[list[int]], int]:
     """Step like the scheduler: submit at join_at, one step for all running, release at N.
 
-    Returns every sequence's tokens and the most sequences the batch decoder held at once."""
+    Returns every sequence's tokens and the most sequences the engine held in its rows at once."""
     running, results, widest = [], {}, 0
     step = 0
     while len(results) < len(prompt_ids):
