@@ -149,6 +149,8 @@ class PrefixCache:
 
     def _evict(self, target: int, protect: set[bytes]) -> None:
         """Drop least recently used blocks until at most ``target`` bytes are held."""
+        if self.bytes <= target:
+            return
         for name in list(self._blocks):
             if self.bytes <= target:
                 return
