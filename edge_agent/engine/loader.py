@@ -29,6 +29,7 @@ def load_engine(bundle: Bundle, settings: AgentSettings):
     """
     providers = providers_for(settings.device)
     threads = thread_count(settings)
+    cache_bytes = settings.prefix_cache_mb * 2**20
     if bundle.task == "feature-extraction":
         from edge_agent.engine.embed import EmbeddingEngine
 
@@ -38,11 +39,10 @@ def load_engine(bundle: Bundle, settings: AgentSettings):
             from edge_agent.engine.batch import BatchEngine
 
             return BatchEngine(bundle, threads=threads, providers=providers,
-                               prefix_cache_bytes=settings.prefix_cache_mb * 2**20)
+                               prefix_cache_bytes=cache_bytes)
         from edge_agent.engine.genai import GenaiEngine  # GPUs; or EDGEGEN_GENAI_BATCH=0
 
         return GenaiEngine(bundle, device=settings.device, threads=threads)
     from edge_agent.engine.ort_loop import OrtEngine
 
-    return OrtEngine(bundle, providers=providers, threads=threads,
-                     prefix_cache_bytes=settings.prefix_cache_mb * 2**20)
+    return OrtEngine(bundle, providers=providers, threads=threads, prefix_cache_bytes=cache_bytes)
