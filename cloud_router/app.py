@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import anyio
 import httpx
@@ -23,7 +23,7 @@ from cloud_router.metrics import RouterMetrics
 from cloud_router.policy import RequestHints
 from cloud_router.limits import BadBody, BodyLimit, decode_json
 from cloud_router.openapi import openapi_schema
-from cloud_router.protocol import error_body, model_list
+from cloud_router.protocol import error_body, model_card, model_list
 from cloud_router.settings import RouterSettings
 from cloud_router.stats import RetryBudget
 from cloud_router.table import EndpointSource, EndpointTable
@@ -120,12 +120,14 @@ def build_app(settings: RouterSettings, sources: Sequence[EndpointSource], *,
         return RequestHints(model=model, region=region or settings.region, zone=zone or "",
                             location=loc)
 
+    def model_not_found(model: str, known: Iterable[str]) -> ClientError:
+        return ClientError(404, f"The model {model!r} does not exist or no endpoint serves "
+                           f"it; known models: {', '.join(sorted(known)) or 'none'}",
+                           "model_not_found", "model")
+
     def known_model(model: str) -> None:
         if not table.known_model(model):
-            models = sorted(table.fleet.known_models)
-            raise ClientError(404, f"The model {model!r} does not exist or no endpoint serves "
-                              f"it; known models: {', '.join(models) or 'none'}",
-                              "model_not_found", "model")
+            raise model_not_found(model, table.fleet.known_models)
 
     async def proxy(request: Request) -> Response:
         body = await request.body()  # bounded by limits.BodyLimit
@@ -150,6 +152,15 @@ def build_app(settings: RouterSettings, sources: Sequence[EndpointSource], *,
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models() -> dict:
         return model_list(table.models())
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_key)])
+    async def retrieve_model(model_id: str) -> dict:
+        """One entry of ``/v1/models``: a model some endpoint serves now, else a 404. Ids may
+        hold slashes (``org/name``)."""
+        served = table.models()
+        if model_id not in served:
+            raise model_not_found(model_id, served)
+        return model_card(model_id)
 
     @app.get("/edgegen/v1/endpoints", dependencies=[Depends(require_key)])
     async def endpoints() -> dict:

@@ -75,7 +75,8 @@ class Status(BaseModel):
 
 
 FORWARDED_ERRORS = (400, 401, 404, 408, 413, 429, 500, 503)
-OWN = {"/v1/models": (ModelList, (401,)), "/edgegen/v1/endpoints": (EndpointTable, (401,)),
+OWN = {"/v1/models": (ModelList, (401,)), "/v1/models/{model_id}": (ModelCard, (401, 404)),
+       "/edgegen/v1/endpoints": (EndpointTable, (401,)),
        "/edgegen/v1/route": (RouteExplanation, (400, 401, 404)), "/healthz": (Status, ()),
        "/readyz": (Readiness, ())}
 

@@ -32,6 +32,10 @@ def sse_error_event(message: str, code: str = "upstream_stream_broken") -> bytes
     return b"data: " + json.dumps(error_body(500, message, code=code)).encode() + b"\n\n"
 
 
+def model_card(model: str) -> dict:
+    """One entry of ``model_list``, and the answer of ``GET /v1/models/{model}``."""
+    return {"id": model, "object": "model", "created": 0, "owned_by": "edgegen"}
+
+
 def model_list(models: list[str]) -> dict:
-    return {"object": "list", "data": [
-        {"id": m, "object": "model", "created": 0, "owned_by": "edgegen"} for m in models]}
+    return {"object": "list", "data": [model_card(m) for m in models]}

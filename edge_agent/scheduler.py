@@ -34,7 +34,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from edge_agent.engine.base import GenerationEngine, SamplingParams, SequenceState
+from edge_agent.engine.base import (
+    GenerationEngine,
+    SamplingParams,
+    SequenceState,
+    TokenLogprob,
+)
 from edge_agent.errors import AgentError
 
 log = logging.getLogger(__name__)
@@ -79,16 +84,18 @@ class TokenEvent:
     token_id: int | None = None
     finish_reason: str | None = None   # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    logprob: TokenLogprob | None = None  # the token's, when the request asked for logprobs
 
 
 class SequenceHandle:
     """A submitted request: iterate it for TokenEvents; cancel() to give up its slot."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams,
-                 cache_salt: str | None = None):
+                 cache_salt: str | None = None, constraint=None):
         self.prompt_ids = prompt_ids
         self.params = params
         self.cache_salt = cache_salt
+        self.constraint = constraint   # grammar.Constraint, or None
         self.events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.cancelled = False
         self.state: SequenceState | None = None
@@ -143,12 +150,17 @@ class Scheduler:
     def retry_after_s(self) -> int:
         return retry_after_s(self.slot_s, self.max_concurrency)
 
+    def room(self) -> int:
+        """How many more sequences may be queued now."""
+        return max(0, self.max_concurrency + self.queue_size - self.inflight)
+
     def try_submit(self, prompt_ids: list[int], params: SamplingParams, *,
-                   cache_salt: str | None = None) -> SequenceHandle | None:
-        """Queue a sequence; None when the queue is full (the caller answers 429)."""
+                   cache_salt: str | None = None, constraint=None) -> SequenceHandle | None:
+        """Queue a sequence; None when the queue is full (the caller answers 429).
+        ``constraint`` (a grammar.Constraint) masks every token it picks."""
         if self.full():
             return None
-        handle = SequenceHandle(prompt_ids, params, cache_salt)
+        handle = SequenceHandle(prompt_ids, params, cache_salt, constraint)
         if self._closed:
             handle._emit(TokenEvent(finish_reason="error", error="the model was unloaded"))
             return handle
@@ -259,6 +271,7 @@ class Scheduler:
             try:
                 handle.state = self.engine.start(handle.prompt_ids, handle.params,
                                                  cache_salt=handle.cache_salt)
+                handle.state.constraint = handle.constraint
             except Exception as exc:  # noqa: BLE001 - one request's failure is its own
                 handle._emit(TokenEvent(finish_reason="error", error=failure_message(exc)))
                 continue
@@ -280,10 +293,12 @@ class Scheduler:
         state = handle.state
         state.generated.append(token)
         params = handle.params
-        if token in self.engine.eos_token_ids and not params.ignore_eos:
+        # a grammar's end is always the end: it allows nothing but EOS after it
+        if token in self.engine.eos_token_ids and (not params.ignore_eos or handle.constraint):
             self._finish(handle, TokenEvent(finish_reason="stop"))
             return
-        handle._emit(TokenEvent(token_id=token))
+        logprob = state.logprobs[-1] if params.logprobs is not None else None
+        handle._emit(TokenEvent(token_id=token, logprob=logprob))
         total = len(state.prompt_ids) + len(state.generated)
         if len(state.generated) >= params.max_tokens or total >= self.engine.context_length:
             self._finish(handle, TokenEvent(finish_reason="length"))

@@ -41,6 +41,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None       # None: none; k: the chosen token's and the k likeliest
+
 
     @property
     def greedy(self) -> bool:
@@ -56,6 +58,18 @@ class SequenceState:
     data: Any = None
     generated: list[int] = field(default_factory=list)
     cached_tokens: int = 0   # prompt tokens taken from the prefix cache, not read again
+    constraint: Any = None   # grammar.Constraint: the tokens each step may pick
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The model's log-probability of a picked token, and of the likeliest ``top`` ones
+    (raw: before temperature, top-k/p and grammar masks, as vLLM reports them)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 # What a step gives each sequence: its next token, None while its prompt is still being read
@@ -85,6 +99,9 @@ class GenerationEngine(ABC):
     context_length: int
     eos_token_ids: frozenset[int]
     prefix_cache: PrefixCache | None = None   # engines that reuse prompt prefixes set one
+    # Whether the agent picks each token (sampling.pick): only then can a grammar mask the
+    # choice and logprobs be reported. onnxruntime-genai's loop picks inside C++.
+    picks_tokens: bool = True
 
     @abstractmethod
     def start(self, prompt_ids: list[int], params: SamplingParams, *,

@@ -56,7 +56,7 @@ from edge_agent.engine.base import (
 )
 from edge_agent.engine.ort import NUMPY_DTYPES, open_session, run_errors
 from edge_agent.engine.prefix_cache import PrefixCache
-from edge_agent.engine.sampling import make_rng, sample
+from edge_agent.engine.sampling import make_rng, pick
 from edge_agent.errors import GenerationError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -174,8 +174,8 @@ class BatchEngine(GenerationEngine):
                 self._arrange(decoding)
                 logits = self._decode(decoding)
             for b, seq in enumerate(decoding):
-                tokens[id(seq)] = step_one(seq, lambda s, row=logits[b, -1]: sample(
-                    row, s.params, s.data.rng))
+                tokens[id(seq)] = step_one(seq, lambda s, row=logits[b, -1]: pick(
+                    s, row, s.data.rng))
         if waiting:
             budget = self._chunk_budget() if decoding else None
             tokens[id(waiting[0])] = step_one(waiting[0], lambda s: self._read_prompt(
@@ -267,7 +267,7 @@ class BatchEngine(GenerationEngine):
                 break
         if row.length < len(prompt):
             return None
-        return sample(logits[0, -1], seq.params, row.rng)
+        return pick(seq, logits[0, -1], row.rng)
 
     def _place(self, seq: SequenceState) -> None:
         """Give ``seq`` the next free row, filled with its prompt's cached prefix.

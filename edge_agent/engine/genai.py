@@ -31,6 +31,8 @@ _GENAI_PROVIDER = {"cuda": "cuda", "tensorrt": "NvTensorRtRtx"}
 
 
 class GenaiEngine(GenerationEngine):
+    picks_tokens = False  # onnxruntime-genai samples inside its loop
+
     def __init__(self, bundle: Bundle, *, device: str = "cpu", threads: int = 1):
         self.bundle = bundle
         self.threads = threads

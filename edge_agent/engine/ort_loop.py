@@ -26,7 +26,7 @@ from edge_agent.engine.base import (
 )
 from edge_agent.engine.ort import NUMPY_DTYPES, open_session, run_errors
 from edge_agent.engine.prefix_cache import PrefixCache
-from edge_agent.engine.sampling import make_rng, sample
+from edge_agent.engine.sampling import make_rng, pick
 
 
 class _OrtSeq:
@@ -93,7 +93,7 @@ class OrtEngine(GenerationEngine):
         state.length = total
         if not seq.generated:
             self._store(seq, seq.prompt_ids)
-        return sample(logits[0, -1], seq.params, state.rng)
+        return pick(seq, logits[0, -1], state.rng)
 
     def _from_cache(self, seq: SequenceState) -> None:
         """Start from the longest cached prefix of the prompt."""

@@ -7,12 +7,28 @@ import copy
 
 
 def _tokens(chunk: dict) -> int:
-    return sum(1 for c in chunk.get("choices") or () if (c.get("delta") or {}).get("content"))
+    return sum(1 for c in chunk.get("choices") or ()
+               if (c.get("delta") or {}).get("content") or (c.get("delta") or {}).get("tool_calls"))
+
+
+def _merge_tool_calls(into: list[dict], pieces: list[dict]) -> None:
+    """Pieces of streamed tool calls folded per call ``index``: the first piece's id, type and
+    name, the arguments concatenated (so the calls still reassemble the same way)."""
+    for piece in pieces:
+        same = next((c for c in into if c.get("index") == piece.get("index")), None)
+        if same is None:
+            into.append(copy.deepcopy(piece))
+            continue
+        arguments = (piece.get("function") or {}).get("arguments")
+        if arguments:
+            function = same.setdefault("function", {})
+            function["arguments"] = function.get("arguments", "") + arguments
 
 
 def merge_chunks(chunks: list[dict]) -> dict:
-    """Fold consecutive ``chat.completion.chunk`` dicts into one: contents concatenated per
-    choice, the first role, the last finish_reason, the last non-null usage."""
+    """Fold consecutive ``chat.completion.chunk`` dicts into one: contents and tool-call
+    arguments concatenated per choice, the first role, the last finish_reason, the last
+    non-null usage."""
     out = copy.deepcopy(chunks[0])
     out.pop("usage", None)
     by_index: dict[int, dict] = {}
@@ -31,6 +47,8 @@ def merge_chunks(chunks: list[dict]) -> dict:
             for key, value in delta.items():
                 if key == "content" and isinstance(value, str):
                     acc["delta"]["content"] = acc["delta"].get("content", "") + value
+                elif key == "tool_calls" and isinstance(value, list):
+                    _merge_tool_calls(acc["delta"].setdefault("tool_calls", []), value)
                 elif value is not None and key not in acc["delta"]:
                     acc["delta"][key] = value
             if choice.get("finish_reason") is not None:

@@ -23,6 +23,7 @@ from edge_agent.serving.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     ErrorResponse,
+    ModelCard,
     ModelList,
 )
 
@@ -63,6 +64,7 @@ ROUTES: dict[str, tuple[str, type[BaseModel] | None, type[BaseModel] | None,
                         GENERATION_ERRORS),
     "/v1/embeddings": ("post", EmbeddingRequest, EmbeddingResponse, None, GENERATION_ERRORS),
     "/v1/models": ("get", None, ModelList, None, ()),
+    "/v1/models/{model_id}": ("get", None, ModelCard, None, (404,)),
     "/healthz": ("get", None, Status, None, ()),
     "/readyz": ("get", None, Status, None, ()),
     "/edgegen/v1/bundle": ("get", None, BundleInfo, None, ()),

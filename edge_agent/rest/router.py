@@ -108,6 +108,13 @@ async def models(request: Request) -> Response:
     return JSONResponse(_serving(request).models.list_models())
 
 
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(request: Request, model_id: str) -> Response:
+    """The served model's entry of ``/v1/models``, else a 404. Ids may hold slashes
+    (``org/name``; OpenAI's client sends ``org%2Fname``, decoded before routing)."""
+    return _respond(_serving(request).models.retrieve_model(model_id))
+
+
 @router.get("/healthz")
 async def healthz() -> Response:
     return JSONResponse({"status": "ok"})

@@ -20,7 +20,7 @@ class CompletionServing(GenerationServing):
         prepared = self._prepare(body, CompletionRequest)
         if isinstance(prepared, ErrorResult):
             return prepared
-        req, model = prepared
+        req, model, plan = prepared
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             vocab = model.engine.tokenizer.get_vocab_size()
@@ -30,7 +30,7 @@ class CompletionServing(GenerationServing):
         else:
             text = prompt[0] if isinstance(prompt, list) else prompt
             prompt_ids = await off_loop_if_large(len(text), _prompt_ids, model, text)
-        return await self._run(req, model, prompt_ids, started, source)
+        return await self._run(req, model, prompt_ids, started, source, plan)
 
 
 def _prompt_ids(model, text: str) -> list[int]:

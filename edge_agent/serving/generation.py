@@ -8,44 +8,39 @@ explicit ``max_tokens`` that would run past the context is a 400 naming the prom
 here, before anything is returned: a full queue is a 429 (type ``rate_limited``) with
 ``Retry-After``, so REST and MQTT share one queue and one set of limits.
 
-A stream is an async iterator of chunk dicts. The last content chunk carries
-``finish_reason``; with ``stream_options.include_usage`` a final chunk with empty ``choices``
-carries ``usage``. A failure mid-stream yields one ``{"error": {...}}`` dict. Closing the
-iterator (``aclose``) cancels the generation and frees its slot.
+A request may ask for ``n`` choices: each is its own sequence in the scheduler (decoded in
+one batch, seeds ``seed``, ``seed + 1``, ...), admitted together or not at all. Output
+constraints (``response_format``, ``tools``) are compiled once per request
+(``structured``) and each choice gets its own copy.
+
+A stream is an async iterator of chunk dicts, the choices' chunks interleaved as their tokens
+come. Each choice's last chunk carries its ``finish_reason``; with
+``stream_options.include_usage`` a final chunk with empty ``choices`` carries ``usage``. A
+failure mid-stream yields one ``{"error": {...}}`` dict. Closing the iterator (``aclose``)
+cancels every choice's generation and frees its slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from edge_agent.engine.base import SamplingParams
+from edge_agent.engine.grammar import GrammarError
 from edge_agent.metrics import AgentMetrics
 from edge_agent.scheduler import SequenceHandle
+from edge_agent.serving.choices import ChoiceOutput, Delta, Outcome, Piece, RequestMeta
 from edge_agent.serving.lifecycle import LoadedModel, ModelHost
-from edge_agent.serving.protocol import (
-    AssistantMessage,
-    ChatCompletionChoice,
-    ChatCompletionChunk,
-    ChatCompletionResponse,
-    ChatCompletionStreamChoice,
-    CompletionChoice,
-    CompletionResponse,
-    DeltaMessage,
-    ErrorResult,
-    PromptTokensDetails,
-    UsageInfo,
-    dump_chunk,
-    error,
-    validation_error,
-)
+from edge_agent.serving.protocol import ErrorResult, error, validation_error
+from edge_agent.serving.structured import OutputPlan, compile_output, plan_output
+from edge_agent.serving.tool_calls import ToolCallParser
 from edge_agent.settings import AgentSettings
 from edge_agent.text.detokenizer import IncrementalDetokenizer
 
@@ -97,7 +92,8 @@ class GenerationServing:
         self.host = host
         self.metrics = metrics
 
-    def _prepare(self, body: Any, model_cls) -> tuple[Any, LoadedModel] | ErrorResult:
+    def _prepare(self, body: Any, model_cls) -> tuple[Any, LoadedModel, OutputPlan] | ErrorResult:
+        """The request, the model it goes to and what its output must be; or the error."""
         model = self.host.model
         req = parse_body(body, model_cls)
         if isinstance(req, ErrorResult):
@@ -111,12 +107,66 @@ class GenerationServing:
                          "/v1/embeddings", param="model")
         if req.model and req.model != model.bundle.name:
             return unknown_model(req.model, model.bundle.name)
-        return req, model
+        plan = plan_output(req)
+        if isinstance(plan, ErrorResult):
+            return plan
+        return req, model, plan
 
     async def _run(self, req, model: LoadedModel, prompt_ids: list[int], started: float,
-                   source: str) -> Result:
-        context = model.engine.context_length
+                   source: str, plan: OutputPlan) -> Result:
         n_prompt = len(prompt_ids)
+        limits = self._limits(req, model, n_prompt)
+        if isinstance(limits, ErrorResult):
+            return limits
+        n, top = req.n or 1, req.top_logprob_count()
+        vocab = constraints = None
+        if plan.grammar is not None or top is not None:
+            if not model.engine.picks_tokens:
+                param = ("logprobs" if plan.grammar is None else
+                         "tools" if plan.tools else "response_format")
+                return error(400, f"{param} is not supported by this model's engine "
+                             f"({type(model.engine).__name__} samples inside its runtime)",
+                             param=param, code="unsupported_parameter")
+            try:
+                vocab = await model.vocabulary()
+            except GrammarError as exc:
+                return error(400, str(exc), param="response_format" if plan.grammar else
+                             "logprobs", code="unsupported_parameter")
+        if plan.grammar is not None:
+            constraint = await asyncio.to_thread(compile_output, plan, vocab)
+            if isinstance(constraint, ErrorResult):
+                return constraint
+            constraints = [constraint] + [constraint.copy() for _ in range(n - 1)]
+        params = SamplingParams(
+            max_tokens=limits, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k in (None, -1) else req.top_k,
+            seed=req.seed, stop=req.stop_list(), ignore_eos=req.ignore_eos, logprobs=top)
+        scheduler = model.scheduler
+        if scheduler.room() < n:  # all choices or none
+            return queue_full(scheduler.retry_after_s())
+        handles = [scheduler.try_submit(prompt_ids, _choice_params(params, i),
+                                        cache_salt=req.cache_salt,
+                                        constraint=constraints[i] if constraints else None)
+                   for i in range(n)]
+        self.metrics.prompt_tokens.inc(n_prompt)
+        meta = RequestMeta(self.endpoint, ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex,
+                           int(time.time()), model.bundle.name, n_prompt, started, self.chat,
+                           logprobs=top is not None)
+        choices = [_Choice(ChoiceOutput(i, ToolCallParser(plan.tool_mode) if plan.tool_mode
+                                        else None, vocab),
+                           _generate(self.metrics, model, handle, started))
+                   for i, handle in enumerate(handles)]
+        log.debug("request admitted", extra={"id": meta.id, "source": source,
+                                              "prompt_tokens": n_prompt, "n": n})
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return ChunkStream(_stream_chunks(self.metrics, meta, choices, include_usage), handles)
+        return await _collect(self.metrics, meta, choices)
+
+    def _limits(self, req, model: LoadedModel, n_prompt: int) -> int | ErrorResult:
+        """The request's max_tokens, or the 400 when the prompt or max_tokens do not fit."""
+        context = model.engine.context_length
         if n_prompt == 0:
             return error(400, "the prompt is empty", param="prompt")
         if n_prompt >= context:
@@ -131,80 +181,30 @@ class GenerationServing:
             return error(
                 400, f"{param} {wanted} plus the prompt's {n_prompt} tokens exceeds the model's "
                 f"context length of {context}", param=param, code="context_length_exceeded")
-        max_tokens = wanted or min(self.settings.max_tokens_default, context - n_prompt)
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=0 if req.top_k in (None, -1) else req.top_k,
-            seed=req.seed, stop=req.stop_list(), ignore_eos=req.ignore_eos)
-        handle = model.scheduler.try_submit(prompt_ids, params, cache_salt=req.cache_salt)
-        if handle is None:
-            return queue_full(model.scheduler.retry_after_s())
-        self.metrics.prompt_tokens.inc(n_prompt)
-        meta = RequestMeta(self.endpoint, ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex,
-                           int(time.time()), model.bundle.name, n_prompt, started, self.chat)
-        tokens = _generate(self.metrics, model, handle, started)
-        log.debug("request admitted", extra={"id": meta.id, "source": source,
-                                              "prompt_tokens": n_prompt})
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return ChunkStream(_stream_chunks(self.metrics, meta, tokens, include_usage), handle)
-        return await _collect(self.metrics, meta, tokens)
+        return wanted or min(self.settings.max_tokens_default, context - n_prompt)
 
 
-@dataclass
-class RequestMeta:
-    endpoint: str
-    id: str
-    created: int
-    model: str
-    prompt_tokens: int
-    started: float
-    chat: bool
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice ``index``'s sampling: its own seed (``seed + index``), so seeded choices differ
+    from each other and repeat across requests."""
+    if index == 0 or params.seed is None or params.seed < 0:
+        return params
+    return dataclasses.replace(params, seed=params.seed + index)
 
-    def usage(self, outcome: _Outcome) -> UsageInfo:
-        return UsageInfo(
-            prompt_tokens=self.prompt_tokens, completion_tokens=outcome.completion_tokens,
-            total_tokens=self.prompt_tokens + outcome.completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=outcome.cached_tokens))
 
-    def envelope(self) -> dict:
-        """The fields every response object and chunk of this request shares."""
-        return {"id": self.id, "created": self.created, "model": self.model}
-
-    def response(self, text: str, outcome: _Outcome) -> dict:
-        usage, finish_reason = self.usage(outcome), outcome.finish_reason
-        if self.chat:
-            choice = ChatCompletionChoice(index=0, message=AssistantMessage(content=text),
-                                          finish_reason=finish_reason)
-            return ChatCompletionResponse(**self.envelope(), choices=[choice],
-                                          usage=usage).model_dump()
-        choice = CompletionChoice(index=0, text=text, finish_reason=finish_reason)
-        return CompletionResponse(**self.envelope(), choices=[choice], usage=usage).model_dump()
-
-    def chunk(self, content: str | None, finish: str | None, with_usage: bool, *,
-              role: bool = False) -> dict:
-        if self.chat:
-            delta = DeltaMessage(role="assistant" if role else None, content=content)
-            chunk = ChatCompletionChunk(**self.envelope(), choices=[
-                ChatCompletionStreamChoice(index=0, delta=delta, finish_reason=finish)])
-        else:
-            chunk = CompletionResponse(**self.envelope(), choices=[
-                CompletionChoice(index=0, text=content or "", finish_reason=finish)])
-        return dump_chunk(chunk, with_usage)
-
-    def usage_chunk(self, outcome: _Outcome) -> dict:
-        cls = ChatCompletionChunk if self.chat else CompletionResponse
-        return dump_chunk(cls(**self.envelope(), choices=[], usage=self.usage(outcome)), True)
+@dataclasses.dataclass
+class _Choice:
+    output: ChoiceOutput
+    pieces: AsyncIterator   # Piece items, then the Outcome
 
 
 class ChunkStream:
     """The chunks of one streamed response, as an async iterator. ``ready()`` says whether
     more tokens are already waiting, so that a writer can send them together in one write."""
 
-    def __init__(self, chunks: AsyncIterator[dict], handle: SequenceHandle):
+    def __init__(self, chunks: AsyncIterator[dict], handles: list[SequenceHandle]):
         self._chunks = chunks
-        self._handle = handle
+        self._handles = handles
 
     def __aiter__(self) -> ChunkStream:
         return self
@@ -213,28 +213,20 @@ class ChunkStream:
         return await self._chunks.__anext__()
 
     def ready(self) -> bool:
-        return not self._handle.events.empty()
+        return any(not h.events.empty() for h in self._handles)
 
     async def aclose(self) -> None:
         await self._chunks.aclose()
 
 
-class _Outcome:
-    """What the generator learnt by the end: finish reason, tokens, error."""
-
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    error: str | None = None
-
-
 async def _generate(metrics: AgentMetrics, model: LoadedModel, handle: SequenceHandle,
                     started: float):
-    """Text deltas of one sequence; the last item is the _Outcome. Cancels on close."""
+    """Pieces of one sequence's text; the last item is its Outcome. Cancels on close."""
     detok = IncrementalDetokenizer(model.engine.tokenizer, handle.params.stop)
-    outcome = _Outcome()
+    outcome = Outcome()
     first_at = last_at = None
     consumed = 0
+    logprobs = []   # of tokens whose text is not out yet
     try:
         async for event in handle:
             if event.token_id is not None:
@@ -244,23 +236,26 @@ async def _generate(metrics: AgentMetrics, model: LoadedModel, handle: SequenceH
                     first_at = now
                     metrics.ttft.observe(now - started)
                 last_at = now
+                if event.logprob is not None:
+                    logprobs.append(event.logprob)
                 text = detok.add(event.token_id)
                 if detok.stopped:
                     handle.cancel()
                     outcome.finish_reason = "stop"
                     outcome.completion_tokens = consumed  # not what was decoded past the stop
-                    if text:
-                        yield text
+                    if text or logprobs:
+                        yield Piece(text, logprobs)
                     break
                 if text:
-                    yield text
+                    yield Piece(text, logprobs)
+                    logprobs = []
                 continue
             if event.error:
                 outcome.error = event.error
             else:
                 tail = detok.flush()
-                if tail:
-                    yield tail
+                if tail or logprobs:
+                    yield Piece(tail, logprobs)
                 outcome.finish_reason = event.finish_reason
         state = handle.state
         if not outcome.completion_tokens:  # ended by the scheduler: EOS counts, as in vLLM
@@ -279,39 +274,79 @@ async def _generate(metrics: AgentMetrics, model: LoadedModel, handle: SequenceH
             metrics.tpot.observe((last_at - first_at) / (consumed - 1))
 
 
-async def _collect(metrics: AgentMetrics, meta: RequestMeta, stream) -> ErrorResult | dict:
-    parts: list[str] = []
-    outcome = None
+async def _interleaved(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, Any]]:
+    """(choice, item) as each choice's items come; one choice is read directly."""
+    if len(choices) == 1:
+        async for item in choices[0].pieces:
+            yield choices[0], item
+        return
+    waiting = {asyncio.ensure_future(c.pieces.__anext__()): c for c in choices}
     try:
-        async for item in stream:
-            if isinstance(item, _Outcome):
-                outcome = item
-            else:
-                parts.append(item)
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                choice = waiting.pop(future)
+                try:
+                    item = future.result()
+                except StopAsyncIteration:
+                    continue
+                yield choice, item
+                waiting[asyncio.ensure_future(choice.pieces.__anext__())] = choice
     finally:
-        await stream.aclose()
+        for future in waiting:
+            future.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def _close(merged, choices: list[_Choice]) -> None:
+    """Close the merge first (it stops reading the choices), then each choice (cancelling
+    its generation and freeing its slot)."""
+    await merged.aclose()
+    for choice in choices:
+        await choice.pieces.aclose()
+
+
+async def _collect(metrics: AgentMetrics, meta: RequestMeta, choices: list[_Choice]
+                   ) -> ErrorResult | dict:
+    merged = _interleaved(choices)
+    try:
+        async for choice, item in merged:
+            if isinstance(item, Outcome):
+                choice.output.end(item)
+            else:
+                choice.output.read(item)
+    finally:
+        await _close(merged, choices)
     metrics.request_duration.labels(meta.endpoint).observe(time.monotonic() - meta.started)
-    if outcome is None or outcome.error:
-        return error(500, f"generation failed: {outcome.error if outcome else 'cancelled'}")
-    return meta.response("".join(parts), outcome)
+    for choice in choices:
+        outcome = choice.output.outcome
+        if outcome is None or outcome.error:
+            return error(500, f"generation failed: {outcome.error if outcome else 'cancelled'}")
+    return meta.response([c.output for c in choices])
 
 
-async def _stream_chunks(metrics: AgentMetrics, meta: RequestMeta, stream, include_usage: bool
-                         ) -> AsyncIterator[dict]:
+async def _stream_chunks(metrics: AgentMetrics, meta: RequestMeta, choices: list[_Choice],
+                         include_usage: bool) -> AsyncIterator[dict]:
+    merged = _interleaved(choices)
     try:
         if meta.chat:
-            yield meta.chunk("", None, include_usage, role=True)
-        async for item in stream:
-            if isinstance(item, _Outcome):
+            for choice in choices:
+                yield meta.chunk(choice.output, Delta(content=""), None, include_usage, role=True)
+        async for choice, item in merged:
+            out = choice.output
+            if isinstance(item, Outcome):
                 if item.error:
                     yield error(500, f"generation failed: {item.error}").body
                     return
-                yield meta.chunk(None if meta.chat else "", item.finish_reason, include_usage)
-                if include_usage:
-                    yield meta.usage_chunk(item)
-                return
-            yield meta.chunk(item, None, include_usage)
+                delta = out.end(item)
+                yield meta.chunk(out, delta, out.finish_reason, include_usage)
+                continue
+            delta = out.read(item)
+            if delta:
+                yield meta.chunk(out, delta, None, include_usage)
+        if include_usage:
+            yield meta.usage_chunk([c.output.outcome for c in choices])
     finally:
-        await stream.aclose()
+        await _close(merged, choices)
         # Recorded here, not by the HTTP layer, so MQTT streams are measured the same way.
         metrics.request_duration.labels(meta.endpoint).observe(time.monotonic() - meta.started)

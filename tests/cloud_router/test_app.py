@@ -4,6 +4,8 @@ API keys, and the `edgegen router` command."""
 import logging
 
 import httpx
+import openai
+import pytest
 
 from cloud_router.endpoints import Endpoint
 from cloud_router.traefik import traefik_config
@@ -103,6 +105,38 @@ def test_models_is_the_union_of_healthy_endpoints(fleet, upstreams):
         body = httpx.get(r.url + "/v1/models").json()
         assert body["object"] == "list"
         assert [m["id"] for m in body["data"]] == ["bigger", "tiny"]
+    finally:
+        r.stop()
+
+
+def test_a_model_is_retrieved_as_its_models_entry(fleet, upstreams):
+    fleet.append(Endpoint(id="edgegen-edge-x-1", service="edgegen-edge", node="x",
+                          address="127.0.0.1", port=1, model="org/bigger"))
+    r = start_router(fleet, api_keys=frozenset({"sk-1"}))
+    try:
+        auth = {"authorization": "Bearer sk-1"}
+        listed = httpx.get(r.url + "/v1/models", headers=auth).json()["data"]
+        for entry in listed:  # a slash in the id, as sent or as OpenAI's client encodes it
+            for path in (entry["id"], entry["id"].replace("/", "%2F")):
+                got = httpx.get(r.url + "/v1/models/" + path, headers=auth)
+                assert got.status_code == 200 and got.json() == entry, path
+        miss = httpx.get(r.url + "/v1/models/org/gpt-9", headers=auth)
+        err = miss.json()["error"]
+        assert miss.status_code == 404 and set(miss.json()) == {"error"}
+        assert (err["type"], err["param"], err["code"]) == ("not_found_error", "model",
+                                                           "model_not_found")
+        assert "org/gpt-9" in err["message"] and "org/bigger" in err["message"]
+        assert httpx.get(r.url + "/v1/models/tiny").status_code == 401
+        client = openai.OpenAI(base_url=r.url + "/v1", api_key="sk-1", max_retries=0)
+        card = client.models.retrieve("org/bigger")
+        assert (card.id, card.object, card.owned_by) == ("org/bigger", "model", "edgegen")
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("gpt-9")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=r.url + "/v1", api_key="no", max_retries=0) \
+                .models.retrieve("tiny")
+        # like /v1/models, a page of the router's own: not counted as an API request
+        assert refused_counts(r) == {}
     finally:
         r.stop()
 

@@ -44,8 +44,8 @@ class AgentBehindRouter:
 
 
 @contextlib.contextmanager
-def agent_behind_router(tmp: Path, bundle, node: str, *extra: str,
-                        threads: int = 1) -> Iterator[AgentBehindRouter]:
+def agent_behind_router(tmp: Path, bundle, node: str, *extra: str, threads: int = 1,
+                        env: dict | None = None) -> Iterator[AgentBehindRouter]:
     """Start the three, wait until agent and router are ready, stop them all afterwards."""
     from tests.cloud_router.registry_support import start_registry
 
@@ -53,7 +53,7 @@ def agent_behind_router(tmp: Path, bundle, node: str, *extra: str,
     agent_port, router_port = free_port(), free_port()
     agent = EdgegenProcess(["agent", "--bundle", str(bundle.path), "--node", node, "--port",
                             str(agent_port), "--consul", consul, "--threads", str(threads),
-                            "--advertise-host", "127.0.0.1", *extra], tmp, "agent")
+                            "--advertise-host", "127.0.0.1", *extra], tmp, "agent", env=env)
     router = EdgegenProcess(["router", "--consul", consul, "--port", str(router_port)], tmp,
                             "router")
     try:

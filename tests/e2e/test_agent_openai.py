@@ -37,6 +37,23 @@ def test_models_lists_the_bundle(client, model):
     assert [m.id for m in client.models.list().data] == [model]
 
 
+def test_a_model_is_retrieved_as_its_models_entry(agent, client, model):
+    listed = httpx.get(agent.url + "/v1/models").json()["data"][0]
+    assert httpx.get(agent.url + "/v1/models/" + model).json() == listed
+    card = client.models.retrieve(model)
+    assert (card.id, card.object, card.created) == (model, "model", listed["created"])
+    # an id with a slash reaches the route (as sent, and as the client encodes it): a model
+    # not found, not an unknown route
+    for path in ("org/" + model, "org%2F" + model):
+        r = httpx.get(agent.url + "/v1/models/" + path)
+        assert r.status_code == 404 and set(r.json()) == {"error"}, path
+        err = r.json()["error"]
+        assert (err["type"], err["param"], err["code"]) == ("not_found_error", "model",
+                                                           "model_not_found")
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("org/" + model)
+
+
 def test_chat_non_streaming(client, model):
     r = client.chat.completions.create(model=model, max_tokens=12, temperature=0,
                                        messages=[{"role": "user", "content": "Hello there"}])
@@ -132,9 +149,25 @@ BAD = [
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": -1}).encode(), None, "temperature"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}).encode(), None, "top_p"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}).encode(), None, "max_tokens"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 2}).encode(), "unsupported_parameter", "n"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}).encode(), "unsupported_parameter", "tools"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}], "logprobs": True}).encode(), "unsupported_parameter", "logprobs"),
+    *[(json.dumps({"messages": [{"role": "user", "content": "x"}], **extra}).encode(), code, param)
+      for extra, code, param in [
+          ({"n": 17}, "invalid_value", "n"),
+          ({"logit_bias": {"1": 3}}, "unsupported_parameter", "logit_bias"),
+          ({"top_logprobs": 3}, "invalid_value", "top_logprobs"),
+          ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "invalid_value",
+           "tools.0.type"),
+          ({"tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}}}, "invalid_value",
+           "tool_choice"),
+          ({"response_format": {"type": "json_schema", "json_schema": {
+              "name": "s", "schema": {"type": "integer", "minimum": "zero"}}}},
+           "invalid_schema", "response_format.json_schema.schema"),
+          ({"response_format": {"type": "json_schema", "json_schema": {
+              "name": "s", "schema": {"not": {"type": "string"}}}}},
+           "unsupported_schema", "response_format.json_schema.schema"),
+          ({"messages": [{"role": "tool", "tool_call_id": "call_1", "content": "x"}]}, None,
+           "messages.0.tool_call_id"),
+      ]],
 ]
 
 
@@ -153,6 +186,39 @@ def test_bad_input_is_a_400_in_openai_shape_and_the_next_request_works(agent, bo
     ok = httpx.post(agent.url + "/v1/chat/completions", timeout=60, json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_constrained_choices_decoded_as_a_batch_each_follow_the_schema(client, model):
+    """A random model sampled at temperature 1: every choice of a batch of n, each with its
+    own mask, is an object of the schema, with its logprobs."""
+    schema = {"type": "object", "properties": {
+        "level": {"enum": ["low", "high"]}, "ok": {"type": "boolean"},
+        "code": {"type": "string", "pattern": "^E[0-9]{2}$"}},
+        "required": ["level", "ok", "code"]}
+    r = client.chat.completions.create(
+        model=model, n=4, temperature=1.0, seed=3, max_tokens=60, logprobs=True,
+        messages=[{"role": "user", "content": "Report"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for choice in r.choices:
+        assert choice.finish_reason == "stop"
+        value = json.loads(choice.message.content)
+        assert set(value) == {"level", "ok", "code"} and value["level"] in ("low", "high")
+        assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
+
+
+def test_a_random_model_calls_the_named_tool_with_valid_arguments(client, model):
+    tool = {"type": "function", "function": {"name": "set_valve", "parameters": {
+        "type": "object", "properties": {"open": {"type": "boolean"}}, "required": ["open"]}}}
+    kwargs = dict(model=model, temperature=0, max_tokens=60, tools=[tool],
+                  messages=[{"role": "user", "content": "Open it"}],
+                  tool_choice={"type": "function", "function": {"name": "set_valve"}})
+    [call] = client.chat.completions.create(**kwargs).choices[0].message.tool_calls
+    assert call.function.name == "set_valve"
+    assert isinstance(json.loads(call.function.arguments)["open"], bool)
+    pieces = [p for chunk in client.chat.completions.create(stream=True, **kwargs)
+              for c in chunk.choices for p in c.delta.tool_calls or ()]
+    assert "".join(p.function.arguments or "" for p in pieces) == call.function.arguments
 
 
 def test_harmless_unknown_fields_are_accepted(agent):

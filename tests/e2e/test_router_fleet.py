@@ -131,6 +131,15 @@ def test_the_openai_client_streams_through_the_router(fleet):
     assert raw.headers["x-edgegen-node"] == "edge-near"
 
 
+def test_the_openai_client_retrieves_a_model_through_the_router(fleet):
+    client = openai.OpenAI(base_url=fleet.url + "/v1", api_key="unused", max_retries=0)
+    card = client.models.retrieve(fleet.model)
+    assert (card.id, card.object, card.owned_by) == (fleet.model, "model", "edgegen")
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.models.retrieve("org/no-such-model")
+    assert exc.value.code == "model_not_found"
+
+
 def test_sigkill_of_the_nearest_edge_loses_no_request(fleet):
     served: list[tuple[int, int, str]] = []
     with httpx.Client() as client, ThreadPoolExecutor(4) as pool:

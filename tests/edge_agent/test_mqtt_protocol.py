@@ -274,6 +274,26 @@ def test_merge_concatenates_content_and_keeps_role_and_finish():
     assert m["usage"] == {"total_tokens": 5} and m["id"] == "c"
 
 
+def test_merge_folds_tool_call_pieces_per_call():
+    def calls(*pieces):
+        out = chunk()
+        out["choices"][0]["delta"]["tool_calls"] = list(pieces)
+        return out
+    start = {"index": 0, "id": "call_1", "type": "function",
+             "function": {"name": "f", "arguments": ""}}
+    m = merge_chunks([calls(start), calls({"index": 0, "function": {"arguments": '{"a": '}}),
+                      calls({"index": 0, "function": {"arguments": "1}"}},
+                            {"index": 1, "id": "call_2", "type": "function",
+                             "function": {"name": "g", "arguments": "{}"}}),
+                      chunk(finish="tool_calls")])
+    assert m["choices"][0]["delta"]["tool_calls"] == [
+        {**start, "function": {"name": "f", "arguments": '{"a": 1}'}},
+        {"index": 1, "id": "call_2", "type": "function", "function": {"name": "g",
+                                                                      "arguments": "{}"}}]
+    assert m["choices"][0]["finish_reason"] == "tool_calls"
+    assert start["function"]["arguments"] == ""          # the chunks are not changed
+
+
 def test_coalescer_sends_the_first_text_at_once_then_by_token_count():
     c = ChunkCoalescer(max_tokens=3, max_delay=10)
     assert c.add(chunk("", role="assistant"), now=0.0) is None    # no text yet: wait

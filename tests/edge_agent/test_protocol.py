@@ -43,8 +43,9 @@ def test_embedding_input_must_not_be_empty():
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"n": 2}, "n"), ({"tools": [{"type": "function"}]}, "tools"), ({"logprobs": True}, "logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logit_bias": {"42": 10}}, "logit_bias"), ({"best_of": 2}, "best_of"),
+    ({"functions": [{"name": "f"}]}, "functions"), ({"function_call": "auto"}, "function_call"),
+    ({"suffix": "x"}, "suffix"), ({"echo": True}, "echo"),
 ])
 def test_meaning_changing_parameters_are_unsupported(extra, param):
     assert ChatCompletionRequest.model_validate({"messages": MSG, **extra}).unsupported() == param
@@ -53,7 +54,8 @@ def test_meaning_changing_parameters_are_unsupported(extra, param):
 def test_harmless_fields_pass():
     req = ChatCompletionRequest.model_validate({
         "messages": MSG, "n": 1, "logprobs": False, "response_format": {"type": "text"},
-        "tool_choice": "none", "frequency_penalty": 0, "whatever": {"x": 1}})
+        "tool_choice": "none", "function_call": "none", "best_of": 1, "echo": False,
+        "frequency_penalty": 0, "whatever": {"x": 1}})
     assert req.unsupported() is None
 
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from edge_agent.engine.base import SamplingParams
-from edge_agent.engine.sampling import make_rng, sample
+from edge_agent.engine.base import SamplingParams, SequenceState
+from edge_agent.engine.sampling import make_rng, pick, sample, token_logprob
 
 LOGITS = np.array([1.0, 3.0, 2.0, 0.5, -1.0], dtype=np.float32)
 
@@ -50,3 +50,24 @@ def test_a_negative_seed_means_a_random_one():
     p = SamplingParams(max_tokens=1, temperature=1.0, seed=-1)
     draws = {sample(LOGITS, p, make_rng(p)) for _ in range(50)}
     assert len(draws) > 1  # not one fixed sequence, and no error
+
+
+def test_logprobs_are_the_log_softmax_of_the_raw_logits():
+    logits = np.array([2.0, 0.5, -1.0, 3.0], dtype=np.float32)
+    expected = logits - np.log(np.exp(logits).sum())
+    lp = token_logprob(logits, 1, 3)
+    assert lp.token_id == 1 and lp.logprob == pytest.approx(expected[1])
+    assert [t for t, _ in lp.top] == [3, 0, 1]
+    assert [v for _, v in lp.top] == pytest.approx(expected[[3, 0, 1]])
+    assert token_logprob(logits, 2, 0).top == ()
+
+
+def test_pick_notes_logprobs_of_the_model_not_of_the_sampler():
+    """Temperature and top-k shape the choice, not the reported logprobs (as vLLM reports)."""
+    logits = np.array([1.0, 3.0, 2.0], dtype=np.float32)
+    seq = SequenceState(prompt_ids=[0], params=SamplingParams(max_tokens=1, temperature=0.0,
+                                                              logprobs=2))
+    assert pick(seq, logits, np.random.default_rng(0)) == 1
+    [lp] = seq.logprobs
+    assert lp.logprob == pytest.approx(token_logprob(logits, 1, 0).logprob)
+    assert [t for t, _ in lp.top] == [1, 2]

@@ -154,13 +154,9 @@ def test_bad_parameters_are_400s_naming_the_parameter(bundle, engine, endpoint, 
 
 
 @pytest.mark.parametrize("params, param", [
-    ({"n": 2}, "n"),
-    ({"logprobs": True}, "logprobs"),
-    ({"logprobs": 3}, "logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"logit_bias": {"42": 10}}, "logit_bias"),
+    ({"best_of": 3}, "best_of"),
+    ({"suffix": "and so on"}, "suffix"),
 ])
 def test_unsupported_parameters_are_400s_naming_the_parameter(bundle, engine, endpoint, params,
                                                               param):
@@ -590,7 +586,7 @@ def test_the_requests_counter_counts_each_outcome_by_status(bundle, bpe_tokenize
             s = stack.serving
             await s.create_chat_completion(chat_body())
             await drain(await s.create_chat_completion(chat_body(stream=True)))
-            await s.create_chat_completion(chat_body(n=3))
+            await s.create_chat_completion(chat_body(logit_bias={"1": 5}))
             await s.create_chat_completion(chat_body(model="other"))
             await s.create_completion(completion_body())
             await s.create_completion(completion_body(temperature=9))
@@ -652,6 +648,18 @@ def test_models_lists_the_served_bundle(bundle, engine):
     assert [m["id"] for m in models["data"]] == [bundle.name]
     assert models["data"][0]["max_model_len"] == bundle.context_length
     assert info["digest"] == bundle.digest and info["task"] == "text-generation"
+
+
+def test_a_model_is_retrieved_as_its_models_entry_and_others_are_404s(bundle, engine):
+    async def go():
+        async with serving_stack(bundle, engine) as stack:
+            models = stack.serving.models
+            return (models.list_models(), models.retrieve_model(bundle.name),
+                    models.retrieve_model("org/" + bundle.name))
+    models, card, miss = run(go())
+    assert card == models["data"][0]
+    err = assert_error(miss, 404, "model", "model_not_found")
+    assert err["type"] == "not_found_error" and "org/" + bundle.name in err["message"]
 
 
 # --- the model host: readiness, drain, swap -----------------------------------------------------

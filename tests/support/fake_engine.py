@@ -31,6 +31,7 @@ from tokenizers import Tokenizer
 
 from edge_agent.bundle import Bundle, write_bundle
 from edge_agent.engine.base import GenerationEngine, SamplingParams, SequenceState
+from edge_agent.engine.sampling import pick
 from edge_agent.errors import GenerationError
 from edge_agent.metrics import AgentMetrics
 from edge_agent.serving.api import OpenAIServing
@@ -99,6 +100,7 @@ class FakeEngine(GenerationEngine):
         self.batches: list[int] = []
         self.released = 0
         self.closed = False
+        self._rng = np.random.default_rng(0)
 
     def reply_for(self, prompt_ids: list[int]) -> Reply:
         text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
@@ -128,13 +130,19 @@ class FakeEngine(GenerationEngine):
         return [self._next(s) for s in seqs]
 
     def _next(self, seq: SequenceState) -> int:
+        """The scripted token, picked as a real engine picks (``sampling.pick``) from logits
+        that favour it by far: a grammar can mask it, logprobs are reported."""
         script, eos = seq.data
         n = len(seq.generated)
         if n < len(script):
-            return script[n]
-        if eos:
-            return min(self.eos_token_ids)
-        return script[n % len(script)]
+            wanted = script[n]
+        elif eos:
+            wanted = min(self.eos_token_ids)
+        else:
+            wanted = script[n % len(script)]
+        logits = np.zeros(self.tokenizer.get_vocab_size(), dtype=np.float32)
+        logits[wanted] = 100.0
+        return pick(seq, logits, self._rng)
 
     def release(self, seq: SequenceState) -> None:
         self.released += 1
