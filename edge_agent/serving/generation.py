@@ -119,24 +119,10 @@ class GenerationServing:
         if isinstance(limits, ErrorResult):
             return limits
         n, top = req.n or 1, req.top_logprob_count()
-        vocab = constraints = None
-        if plan.grammar is not None or top is not None:
-            if not model.engine.picks_tokens:
-                param = ("logprobs" if plan.grammar is None else
-                         "tools" if plan.tools else "response_format")
-                return error(400, f"{param} is not supported by this model's engine "
-                             f"({type(model.engine).__name__} samples inside its runtime)",
-                             param=param, code="unsupported_parameter")
-            try:
-                vocab = await model.vocabulary()
-            except GrammarError as exc:
-                return error(400, str(exc), param="response_format" if plan.grammar else
-                             "logprobs", code="unsupported_parameter")
-        if plan.grammar is not None:
-            constraint = await asyncio.to_thread(compile_output, plan, vocab)
-            if isinstance(constraint, ErrorResult):
-                return constraint
-            constraints = [constraint] + [constraint.copy() for _ in range(n - 1)]
+        picking = await _picking(model, plan, n, top)
+        if isinstance(picking, ErrorResult):
+            return picking
+        vocab, constraints = picking
         params = SamplingParams(
             max_tokens=limits, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
@@ -182,6 +168,28 @@ class GenerationServing:
                 400, f"{param} {wanted} plus the prompt's {n_prompt} tokens exceeds the model's "
                 f"context length of {context}", param=param, code="context_length_exceeded")
         return wanted or min(self.settings.max_tokens_default, context - n_prompt)
+
+
+async def _picking(model: LoadedModel, plan: OutputPlan, n: int, top: int | None):
+    """What picking each token needs: (the vocabulary, one compiled constraint per choice or
+    None), or the 400 when the engine cannot pick under a grammar or the grammar is refused."""
+    if plan.grammar is None and top is None:
+        return None, None
+    param = "logprobs" if plan.grammar is None else "tools" if plan.tools else "response_format"
+    if not model.engine.picks_tokens:
+        return error(400, f"{param} is not supported by this model's engine "
+                     f"({type(model.engine).__name__} samples inside its runtime)",
+                     param=param, code="unsupported_parameter")
+    try:
+        vocab = await model.vocabulary()
+    except GrammarError as exc:
+        return error(400, str(exc), param=param, code="unsupported_parameter")
+    if plan.grammar is None:
+        return vocab, None
+    constraint = await asyncio.to_thread(compile_output, plan, vocab)
+    if isinstance(constraint, ErrorResult):
+        return constraint
+    return vocab, [constraint] + [constraint.copy() for _ in range(n - 1)]
 
 
 def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
