@@ -41,6 +41,10 @@ def agent(
     admin_token: str = typer.Option(None, "--admin-token", envvar="EDGEGEN_ADMIN_TOKEN",
                                     help="Bearer token for POST /edgegen/v1/bundle (hot swap)."),
     consul: str = typer.Option(None, "--consul", help="Consul address to register in."),
+    follow: bool = typer.Option(
+        False, "--follow", help="Serve this node's desired bundle from Consul's KV store "
+        "(fleet rollouts: fetched in the background, swapped when its wave says so); a "
+        "restart serves the bundle served last, from the store. Needs --consul."),
     consul_token: str = typer.Option(
         None, "--consul-token", envvar="CONSUL_HTTP_TOKEN", show_envvar=False,
         help="Consul ACL token with service:write on this agent's service (default "
@@ -101,7 +105,7 @@ def agent(
         host=host, port=port, device=device, threads=threads, max_concurrency=max_concurrency,
         queue_size=queue_size, max_tokens_default=max_tokens_default,
         stream_interval_ms=stream_interval_ms, prefix_cache_mb=prefix_cache_mb,
-        drain_timeout=drain_timeout, admin_token=admin_token, consul=consul, mqtt=mqtt,
+        drain_timeout=drain_timeout, admin_token=admin_token, consul=consul, follow=follow, mqtt=mqtt,
         mqtt_ca_file=mqtt_ca_file, mqtt_username=mqtt_username, mqtt_password=mqtt_password,
         mqtt_coalesce_ms=mqtt_coalesce_ms,
         mqtt_coalesce_tokens=mqtt_coalesce_tokens, mqtt_max_payload=mqtt_max_payload,

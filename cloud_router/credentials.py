@@ -13,9 +13,11 @@ No message here ever holds a secret: they name the file, never its content.
 ``write_fleet_secrets`` makes the secrets of a fleet that has none yet (`edgegen up`): an ACL
 file for the registry with a management token, a token for the agents (``service:write`` on
 the two edgegen services) and one for the router (read on the edgegen services and every
-node, what discovery needs), and a fleet key; every file mode 0600. A local fleet lets the
-anonymous token read what the router reads (``anonymous_read``), so that `edgegen status`
-works without a token: reading the fleet is not the threat, writing to it is.
+node, what discovery needs), and a fleet key; every file mode 0600. Both the agents and the
+router may also write the KV keys under ``edgegen/`` (the fleet's rollout state). A local
+fleet lets the anonymous token read what discovery reads (``anonymous_read``; no KV keys), so
+that `edgegen status` works without a token: reading the fleet is not the threat, writing to
+it is.
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ MIN_FLEET_KEY_LENGTH = 16
 SECRET_FILE_VARIABLES = ("CONSUL_HTTP_TOKEN_FILE", "EDGEGEN_FLEET_KEY_FILE")
 
 # What each role of an edgegen fleet may do in Consul (Consul's JSON rule syntax).
+# The fleet's KV keys (rollout state) live under KV_PREFIX; agents and the router write them.
+KV_PREFIX = "edgegen/"
+KV_RULES = {"key_prefix": {KV_PREFIX: {"policy": "write"}}}
 AGENT_RULES = {"service": {EDGE_SERVICE: {"policy": "write"},
-                           CENTRAL_SERVICE: {"policy": "write"}}}
+                           CENTRAL_SERVICE: {"policy": "write"}}, **KV_RULES}
 # Consul's health and catalog answers drop entries whose node the token may not read.
 DISCOVERY_RULES = {"service_prefix": {"edgegen-": {"policy": "read"}},
                    "node_prefix": {"": {"policy": "read"}}}
+ROUTER_RULES = {**DISCOVERY_RULES, **KV_RULES}
 
 
 def read_secret_file(path: str | os.PathLike, what: str) -> str:
@@ -100,7 +106,7 @@ def fleet_acl(management: str, agent: str, router: str, anonymous_read: bool = F
         "tokens": [
             {"description": "management", "management": True, "secret_id": management},
             {"description": "edgegen agents", "rules": AGENT_RULES, "secret_id": agent},
-            {"description": "edgegen router", "rules": DISCOVERY_RULES, "secret_id": router},
+            {"description": "edgegen router", "rules": ROUTER_RULES, "secret_id": router},
         ],
     }
 

@@ -5,6 +5,7 @@
     ├── RegistryRequestError    the embedded registry refuses a client's request
     │   ├── InvalidRequest      a body or parameter Consul would answer with 400
     │   ├── NotFound            an unknown check or service ID (404)
+    │   ├── ValueTooLarge       a KV value over Consul's 512 KiB limit (413)
     │   ├── AclNotFound         an unknown ACL token (403 "ACL not found")
     │   └── PermissionDenied    the token lacks a permission (403, Consul's text)
     └── ConfigError             router configuration that cannot work (bad API-key file, ...)
@@ -38,6 +39,12 @@ class NotFound(RegistryRequestError):
     """An unknown check or service ID."""
 
     status_code = 404
+
+
+class ValueTooLarge(RegistryRequestError):
+    """A KV value larger than Consul's ``kv_max_value_size`` (512 KiB): 413, Consul's text."""
+
+    status_code = 413
 
 
 class ConfigError(RouterError):

@@ -43,8 +43,15 @@ def create_app(settings: AgentSettings, model: LoadedModel | None = None) -> Fas
     async def lifespan(app: FastAPI):
         loaded = model
         if loaded is None:
-            bundle = await asyncio.to_thread(resolve_bundle, settings.bundle, settings.store,
-                                             trust=load_trust(settings.trust_keys))
+            trust = load_trust(settings.trust_keys)
+            bundle = None
+            if settings.follow:  # the bundle it served last, from disk (edge_agent.follower)
+                from edge_agent.follower import remembered
+
+                bundle = await asyncio.to_thread(remembered, settings, trust)
+            if bundle is None:
+                bundle = await asyncio.to_thread(resolve_bundle, settings.bundle,
+                                                 settings.store, trust=trust)
             loaded = await asyncio.to_thread(load_model, bundle, settings)
         bundle = loaded.bundle
         host = ModelHost(settings, loaded, metrics)
@@ -56,7 +63,7 @@ def create_app(settings: AgentSettings, model: LoadedModel | None = None) -> Fas
                      extra={"trusted_keys": ",".join(host.trust.key_ids)})
         app.state.host = host
         app.state.serving = OpenAIServing(settings, host, metrics)
-        registration = bridge = leaving = None
+        registration = bridge = leaving = follower = None
         try:
             if settings.consul:
                 from edge_agent.registration import ConsulRegistration
@@ -76,11 +83,23 @@ def create_app(settings: AgentSettings, model: LoadedModel | None = None) -> Fas
                 return result
 
             app.state.swap_bundle = swap_bundle
+            if settings.follow and settings.consul:
+                from edge_agent.follower import DesiredStateFollower
+                from edge_agent.registration import ConsulKV
+
+                async def registered(new: Bundle) -> None:
+                    if registration is not None:
+                        await registration.update(new)
+
+                follower = DesiredStateFollower(settings, host, ConsulKV(settings), registered)
+                await follower.start()
             leaving = asyncio.create_task(_leave_on_drain(host, registration, bridge))
             log.info("agent ready", extra={"bundle": bundle.name, "digest": bundle.digest12,
                                            "node": settings.node, "port": settings.port})
             yield
         finally:
+            if follower is not None:
+                await follower.stop()
             host.begin_drain()
             if leaving is not None:
                 await leaving

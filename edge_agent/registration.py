@@ -245,3 +245,35 @@ class ConsulRegistration:
 def _failure_state(exc: RegistrationError) -> str:
     """denied when Consul refused the token (403), else unreachable."""
     return "denied" if isinstance(exc.__cause__, consul.ACLPermissionDenied) else "unreachable"
+
+
+class ConsulKV:
+    """The fleet's desired state in Consul's KV store: one agent's reads (blocking queries)
+    and writes of its own keys. Errors are RegistrationErrors, as registration's are."""
+
+    def __init__(self, settings: AgentSettings, *, wait_s: float = 30.0,
+                 request_timeout: float = 2.0):
+        if not settings.consul:
+            raise ValueError("settings.consul is not set")
+        self.settings = settings
+        self.wait_s = wait_s
+        # a blocking query holds the connection for up to wait_s (plus Consul's jitter)
+        self._consul = _client(settings.consul, wait_s + wait_s / 16 + request_timeout,
+                               settings.consul_token)
+
+    async def get(self, key: str, index: int | None = None) -> tuple[int, bytes | None]:
+        """(the KV index, the key's value or None when it is missing); with ``index``, waits
+        up to ``wait_s`` for the key to change past it."""
+        wait = f"{int(self.wait_s)}s" if index else None
+        idx, entry = await self._call(self._consul.kv.get, key, index=index, wait=wait)
+        value = entry.get("Value") if isinstance(entry, dict) else None
+        return int(idx or 0), value
+
+    async def put(self, key: str, value: bytes) -> bool:
+        return bool(await self._call(self._consul.kv.put, key, value))
+
+    async def _call(self, fn, *args, **kwargs):
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except (consul.ConsulException, requests.RequestException, OSError) as exc:
+            raise RegistrationError(f"consul KV at {self.settings.consul}: {exc}") from exc

@@ -35,6 +35,7 @@ class AgentSettings:
     admin_token: str | None = field(default=None, repr=False)  # bearer for POST /edgegen/v1/bundle
     store: Path = field(default_factory=default_store)  # content-addressed bundle cache
     consul: str | None = None         # http://host:8500 to register in Consul
+    follow: bool = False              # serve the node's desired bundle from Consul's KV store
     mqtt: str | None = None           # mqtt[s]://[user:pass@]host:port for the device bridge
     mqtt_ca_file: str | None = None
     mqtt_username: str | None = None  # wins over the URL's user; AGENT_USER on edgegen's brokers

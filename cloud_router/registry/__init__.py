@@ -6,6 +6,8 @@ watcher run unchanged against a real Consul in production.
 
     definitions   request bodies → validated service/check definitions
     state         the pure state machine: services, checks, index, TTL expiry, reaping
+    kv            the KV store: entries, indexes, key/value/parameter rules
+    params        the blocking-query and flag parameters the read endpoints share
     queries       read queries over the state (health, catalog, coordinates, near)
     views         Consul's JSON shapes
     filtering     the `filter` expressions edgegen uses

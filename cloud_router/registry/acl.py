@@ -12,6 +12,10 @@ acl/errors.go):
 - ``write`` grants read, list and write; ``list`` grants list and read; ``read`` grants read;
   ``deny`` grants nothing. When two policies of one token name the same rule, deny beats
   write beats list beats read.
+- ``DELETE /v1/kv/<prefix>?recurse`` needs write on the whole prefix (Consul's
+  KeyWritePrefix): the rule covering the prefix grants write and no rule under it grants less.
+- ``list`` matters only with Consul's ``acl.enable_key_list_policy``, which this registry does
+  not have: KV listings are filtered by ``key:read``, as Consul filters them by default.
 - A ``management`` token may do everything.
 - A request without a token is the anonymous token (its rules are the file's ``anonymous``);
   a token that is not in the file is refused with 403 ``ACL not found``.
@@ -116,6 +120,25 @@ def allows(config: AclConfig, token: Token, resource: str, name: str, level: str
     return level in _GRANTS[policy]
 
 
+def allows_prefix_write(config: AclConfig, token: Token, resource: str, prefix: str) -> bool:
+    """Consul's KeyWritePrefix (what ``DELETE /v1/kv/<prefix>?recurse`` needs): write on
+    everything under ``prefix``. The longest prefix rule covering ``prefix`` must grant write
+    (none: the default policy decides), and no rule, exact or prefix, for a name under
+    ``prefix`` may grant less."""
+    if token.management:
+        return True
+    rules = token.rules
+    prefixes = rules.prefix.get(resource, ())   # longest first
+    under = [p for (r, n), p in rules.exact.items() if r == resource and n.startswith(prefix)]
+    under += [p for n, p in prefixes if n.startswith(prefix)]
+    if any("write" not in _GRANTS[p] for p in under):
+        return False
+    covering = next((p for n, p in prefixes if prefix.startswith(n)), None)
+    if covering is None:
+        return config.default_policy == "allow"
+    return "write" in _GRANTS[covering]
+
+
 def denial_message(token: Token, resource: str, level: str, name: str) -> str:
     """Consul's text for a denial (acl/errors.go, PermissionDeniedError.Error)."""
     who = "anonymous token" if token.anonymous else \
@@ -141,8 +164,17 @@ class Access:
     def require(self, resource: str, name: str, level: str) -> None:
         """PermissionDenied (403, Consul's text) unless allowed."""
         if not self.allows(resource, name, level):
-            raise PermissionDenied(denial_message(self.token, resource, level, name),
-                                   self.token.accessor_id, f"{resource}:{level}", name)
+            self._deny(resource, name, level)
+
+    def require_prefix_write(self, resource: str, prefix: str) -> None:
+        """PermissionDenied unless the token may write everything under ``prefix``."""
+        if self.config is not None and self.token is not None and \
+                not allows_prefix_write(self.config, self.token, resource, prefix):
+            self._deny(resource, prefix, "write")
+
+    def _deny(self, resource: str, name: str, level: str) -> None:
+        raise PermissionDenied(denial_message(self.token, resource, level, name),
+                               self.token.accessor_id, f"{resource}:{level}", name)
 
 
 def access_for(config: AclConfig | None, secret: str) -> Access:

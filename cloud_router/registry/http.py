@@ -9,6 +9,11 @@ writes need ``service:write`` on the service they create or touch (403 with Cons
 otherwise), reads drop what the token may not read and then say so with
 ``X-Consul-Results-Filtered-By-ACLs: true`` (only to a request that presented a token, as
 Consul does), ``/v1/status/*`` needs nothing. Tokens are hidden in the access log.
+
+``/v1/kv/<key>`` is Consul's KV store (rules and indexes in ``kv``): reading a key needs
+``key:read`` (403 otherwise), ``recurse`` and ``keys`` listings drop the keys the token may not
+read, a write or delete needs ``key:write`` on the key, ``?recurse`` deletes need it on the
+whole prefix.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from cloud_router.errors import (
     PermissionDenied,
     RegistryRequestError,
 )
-from cloud_router.registry import queries, views
+from cloud_router.registry import kv, params, queries, views
 from cloud_router.registry.acl import (
     Access,
     AclConfig,
@@ -38,50 +43,11 @@ from cloud_router.registry.acl import (
     load_acl_file,
     request_token,
 )
-from cloud_router.registry.definitions import parse_duration, parse_service
+from cloud_router.registry.definitions import parse_service
 from cloud_router.registry.filtering import compile_filter
 from cloud_router.registry.runtime import Registry
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_WAIT = 300.0   # features/blocking.mdx: 5 minutes when not set
-MAX_WAIT = 600.0       # ... and at most 10 minutes
-
-
-def _blocking_params(request: Request) -> tuple[int, float]:
-    q = request.query_params
-    raw_index = q.get("index")
-    index = 0
-    if raw_index not in (None, ""):
-        try:
-            index = int(raw_index)
-        except ValueError:
-            raise InvalidRequest(f"Invalid index: {raw_index!r}") from None
-        if index < 0:
-            raise InvalidRequest(f"Invalid index: {raw_index!r}")
-    raw_wait = q.get("wait")
-    wait = DEFAULT_WAIT
-    if raw_wait not in (None, ""):
-        try:
-            wait = parse_duration(raw_wait, "wait")
-        except InvalidRequest:
-            raise InvalidRequest(f"Invalid wait time: {raw_wait!r}") from None
-        if wait <= 0:
-            wait = DEFAULT_WAIT
-    wait = min(wait, MAX_WAIT)
-    return index, wait
-
-
-def _flag(request: Request, name: str) -> bool:
-    if name not in request.query_params:
-        return False
-    value = request.query_params[name].lower()
-    if value in ("", "1", "true", "t", "yes"):
-        return True
-    if value in ("0", "false", "f", "no"):
-        return False
-    raise InvalidRequest(f"Invalid value for ?{name}: {value!r}")
-
 
 async def _json_body(request: Request) -> object:
     raw = await request.body()
@@ -91,6 +57,16 @@ async def _json_body(request: Request) -> object:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"Request decode failed: {exc}") from exc
+
+
+async def _kv_value(request: Request) -> bytes:
+    """A KV write's body, refused with 413 once past Consul's limit (also when no
+    Content-Length announced it)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        kv.check_size(len(body))
+    return bytes(body)
 
 
 def _keep(items: list, readable) -> tuple[list, bool]:
@@ -114,14 +90,14 @@ def create_app(registry: Registry, acl: AclConfig | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)
     state = registry.state
 
+    def meta(index: int) -> dict[str, str]:
+        return {"X-Consul-Index": str(max(index, 1)), "X-Consul-KnownLeader": "true",
+                "X-Consul-LastContact": "0"}
+
     def indexed(body: object, access: Access | None = None,
                 filtered: bool = False) -> JSONResponse:
-        return JSONResponse(body, headers={
-            "X-Consul-Index": str(max(state.index, 1)),
-            "X-Consul-KnownLeader": "true",
-            "X-Consul-LastContact": "0",
-            **filtered_header(access, filtered),
-        })
+        return JSONResponse(body, headers={**meta(state.index),
+                                           **filtered_header(access, filtered)})
 
     def filtered_header(access: Access | None, filtered: bool) -> dict[str, str]:
         # Consul tells only a request that presented a token that results were dropped
@@ -150,11 +126,14 @@ def create_app(registry: Registry, acl: AclConfig | None = None) -> FastAPI:
         if existing is not None:
             a.require("service", existing.definition.name, "write")
 
-    async def block(request: Request) -> None:
-        index, wait = _blocking_params(request)
+    async def block(request: Request, index_of=lambda: state.index) -> None:
+        """Hold a blocking query until ``index_of()`` (the index the query answers with)
+        passes ``?index``, or ``?wait`` runs out."""
+        index, wait = params.blocking(request.query_params)
         if index > 0:
             # features/blocking.mdx: up to wait/16 of jitter spreads concurrent wake-ups.
-            await registry.wait_past(index, wait + random.uniform(0, wait / 16))
+            await registry.wait_until(lambda: index_of() > index,
+                                      wait + random.uniform(0, wait / 16))
 
     @app.exception_handler(RegistryRequestError)
     async def _request_error(request: Request, exc: RegistryRequestError):
@@ -261,7 +240,7 @@ def create_app(registry: Registry, acl: AclConfig | None = None) -> FastAPI:
         body, digest = current()
         wanted = request.query_params.get("hash")
         if wanted and wanted == digest:   # hash-based blocking (features/blocking.mdx)
-            _, wait = _blocking_params(request)
+            _, wait = params.blocking(request.query_params)
             await registry.wait_past(state.index, wait)
             body, digest = current()
         return JSONResponse(body, headers={"X-Consul-ContentHash": digest})
@@ -272,7 +251,7 @@ def create_app(registry: Registry, acl: AclConfig | None = None) -> FastAPI:
     async def health_service(name: str, request: Request):
         a = access(request)
         predicate = compile_filter(request.query_params.get("filter"))
-        passing = _flag(request, "passing")
+        passing = params.flag(request.query_params, "passing")
         await block(request)
         entries = queries.health_service(
             state, name, passing=passing, near=request.query_params.get("near"),
@@ -316,6 +295,49 @@ def create_app(registry: Registry, acl: AclConfig | None = None) -> FastAPI:
         kept, dropped = _keep(queries.coordinate_nodes(state),
                               lambda c: a.allows("node", c["Node"], "read"))
         return indexed(kept, a, dropped)
+
+    # ---- KV store ------------------------------------------------------------------------
+
+    @app.get("/v1/kv/{key:path}")
+    async def kv_get(key: str, request: Request):
+        opts = kv.read_options(key, request.query_params)
+        a = access(request)
+        if not opts.listing:
+            a.require("key", key, "read")
+        index_of = state.kv.list_index if opts.listing else lambda: state.kv.key_index(key)
+        await block(request, index_of)
+        found = state.kv.under(key) if opts.listing else \
+            [e for e in (state.kv.get(key),) if e is not None]
+        kept, dropped = _keep(found, lambda e: a.allows("key", e.key, "read"))
+        headers = {**meta(index_of()), **filtered_header(a, dropped)}
+        if opts.keys:
+            names = kv.key_names(kept, key, opts.separator)
+            if names or not key:   # Consul answers the root with [] rather than a 404
+                return JSONResponse(names, headers=headers)
+        elif kept and opts.raw and not opts.recurse:
+            return Response(kept[0].value or b"", headers={**headers, **kv.RAW_HEADERS})
+        elif kept:
+            return JSONResponse([kv.entry_json(e) for e in kept], headers=headers)
+        return Response(status_code=404, headers=headers)
+
+    @app.put("/v1/kv/{key:path}")
+    async def kv_put(key: str, request: Request):
+        flags, cas = kv.write_options(key, request.query_params)
+        announced = request.headers.get("content-length", "")
+        kv.check_size(int(announced) if announced.isdigit() else 0)   # 413 before reading
+        access(request).require("key", key, "write")
+        value = await _kv_value(request)
+        return JSONResponse(registry.kv_put(key, value or None, flags, cas))
+
+    @app.delete("/v1/kv/{key:path}")
+    async def kv_delete(key: str, request: Request):
+        recurse, cas = kv.delete_options(key, request.query_params)
+        a = access(request)
+        if recurse:
+            a.require_prefix_write("key", key)
+        else:
+            a.require("key", key, "write")
+        return JSONResponse(registry.kv_delete(key, recurse=recurse, cas=cas))
 
     # /v1/status/* needs no token, as in Consul (acl-rules.mdx: not covered by ACL policies).
     @app.get("/v1/status/leader")

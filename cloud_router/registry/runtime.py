@@ -1,4 +1,5 @@
-"""The live registry: the state machine plus its clock, journal, check runner and wake-ups.
+"""The live registry: the state machine plus its clock, journal, check runner and wake-ups
+(services, checks and the KV store alike).
 
 Every write goes through ``_commit``: the journal records are appended before the caller
 answers, then every blocking query waiting on the index is woken at once (one
@@ -50,7 +51,8 @@ class Registry:
                                    extra={"op": rec.get("op"), "error": str(exc)})
             self.journal.rewrite(self.state.snapshot())
             logger.info("registry state restored", extra={
-                "services": len(self.state.services), "index": self.state.index,
+                "services": len(self.state.services), "keys": len(self.state.kv.entries),
+                "index": self.state.index,
                 "records": len(records)})
         self._client = new_client()
         self._reaper = asyncio.create_task(self._reap_loop(), name="registry-reaper")
@@ -82,6 +84,19 @@ class Registry:
         rec = self.state.update_ttl(check_id, status, output, self.clock())
         self._commit([rec] if rec else [])
 
+    def kv_put(self, key: str, value: bytes | None, flags: int = 0,
+               cas: int | None = None) -> bool:
+        """PUT /v1/kv/:key; False when ``cas`` refused it."""
+        rec = self.state.kv_put(key, value, flags, cas)
+        self._commit([rec] if rec else [])
+        return rec is not None
+
+    def kv_delete(self, key: str, *, recurse: bool = False, cas: int | None = None) -> bool:
+        """DELETE /v1/kv/:key; False when ``cas`` refused it."""
+        ok, rec = self.state.kv_delete(key, recurse=recurse, cas=cas)
+        self._commit([rec] if rec else [])
+        return ok
+
     def _commit(self, records: list[Record]) -> None:
         if not records:
             return
@@ -100,9 +115,15 @@ class Registry:
 
     async def wait_past(self, index: int, timeout: float) -> None:
         """Return once ``state.index > index`` or after ``timeout`` seconds."""
+        await self.wait_until(lambda: self.state.index > index, timeout)
+
+    async def wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
+        """Return once ``ready()`` holds or after ``timeout`` seconds. ``ready`` is asked
+        again after every change only, so a query whose own index lags the registry's (a KV
+        key) sleeps until a change moves it, never spins."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.state.index <= index:
+        while not ready():
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return

@@ -10,6 +10,9 @@ otherwise; re-registering a service keeps the status of checks whose ID it reuse
 update does not flap the service); a TTL check not refreshed within its TTL turns
 critical; a service whose check stays critical longer than its
 DeregisterCriticalServiceAfter is removed.
+
+The KV store (``kv``) shares the index: each KV write takes the next one and is journalled
+like any other change.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from cloud_router.registry.definitions import (
     ServiceDefinition,
     parse_service,
 )
+from cloud_router.registry.kv import KV_OPS, KVStore
 
-Record = dict  # a journal record: {"op": "register"|"deregister"|"status", "index": n, ...}
+Record = dict  # a journal record: {"op": "register"|"deregister"|"status"|"kv_...", "index": n}
 
 
 @dataclass
@@ -59,6 +63,7 @@ class RegistryState:
         self.index = 1
         self.services: dict[str, ServiceState] = {}
         self.checks: dict[str, CheckState] = {}
+        self.kv = KVStore()
 
     # ---- writes -------------------------------------------------------------------------
 
@@ -157,6 +162,24 @@ class RegistryState:
                 records.append(rec)
         return records
 
+    def kv_put(self, key: str, value: bytes | None, flags: int = 0,
+               cas: int | None = None) -> Record | None:
+        """PUT /v1/kv/:key (``kv.check_key`` already passed); None when ``cas`` refuses."""
+        return self._took(self.kv.put(key, value, flags, cas, self.index + 1))
+
+    def kv_delete(self, key: str, *, recurse: bool = False,
+                  cas: int | None = None) -> tuple[bool, Record | None]:
+        """DELETE /v1/kv/:key: (Consul's true/false, the record when something changed)."""
+        if recurse:
+            return True, self._took(self.kv.delete_tree(key, self.index + 1))
+        ok, record = self.kv.delete(key, cas, self.index + 1)
+        return ok, self._took(record)
+
+    def _took(self, record: Record | None) -> Record | None:
+        if record is not None:
+            self.index = record["index"]
+        return record
+
     def apply(self, record: Record, now: float) -> None:
         """Replay one journal record (restart with a data dir); keeps the recorded index."""
         op = record.get("op")
@@ -169,6 +192,8 @@ class RegistryState:
             if check is not None:
                 self.set_status(record["check"], record["status"], record.get("output", ""),
                                 now)
+        elif op in KV_OPS:
+            self.kv.apply(record)
         self.index = max(self.index, int(record.get("index", self.index)))
 
     def snapshot(self) -> list[Record]:
@@ -180,6 +205,7 @@ class RegistryState:
             if c.status != c.definition.status:
                 records.append({"op": "status", "index": c.modify_index, "check": cid,
                                 "status": c.status, "output": c.output})
+        records.extend(self.kv.snapshot())
         records.append({"op": "index", "index": self.index})
         return records
 

@@ -146,6 +146,7 @@ def _download(client: httpx.Client, base: str, store: Path, expected: str | None
     else:
         (partial / SIGNATURES_NAME).unlink(missing_ok=True)
     read_manifest(partial)  # shape check before downloading gigabytes
+    _check_room(manifest, partial)
     for rel, entry in sorted(manifest["files"].items()):
         if not _is_safe_relpath(rel):
             raise BundleFormatError(f"manifest file path {rel!r} escapes the bundle")
@@ -158,6 +159,26 @@ def _download(client: httpx.Client, base: str, store: Path, expected: str | None
         os.replace(partial, dest)
     log.info("bundle fetched", extra={"name": bundle.name, "digest": digest[:12]})
     return open_bundle(dest, verify=False) if dest.exists() else bundle
+
+
+# Room left on the store's disk after a download: a node that fills its disk cannot log,
+# journal or swap back.
+DISK_MARGIN = 64 * 2**20
+
+
+def _check_room(manifest: dict, partial: Path) -> None:
+    """Refuse before downloading a bundle that would not fit the store's disk (what a partial
+    download already holds counts as written)."""
+    need = 0
+    for rel, entry in manifest["files"].items():
+        size = int(entry.get("size", 0)) if isinstance(entry, dict) else 0
+        have = partial / rel
+        need += max(0, size - (have.stat().st_size if have.is_file() else 0))
+    free = shutil.disk_usage(partial).free
+    if need + DISK_MARGIN > free:
+        raise BundleFetchError(f"the bundle needs {need / 2**20:.0f} MiB more on the store's "
+                               f"disk ({partial.parent.parent}), which has {free / 2**20:.0f} "
+                               f"MiB free (keeping {DISK_MARGIN // 2**20} MiB)")
 
 
 def _signature_file(client: httpx.Client, base: str) -> bytes | None:

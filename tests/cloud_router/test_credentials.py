@@ -66,6 +66,11 @@ def test_a_fleets_secrets(tmp_path, anonymous_read):
         assert not allows(acl, acl.resolve(""), "service", service, "write")
     assert allows(acl, router, "node", "edge-1", "read")
     assert not allows(acl, agent, "service", "something-else", "write")
+    # the fleet's KV keys (rollout state): agents and the router write under edgegen/ only
+    for token in (agent, router):
+        assert allows(acl, token, "key", "edgegen/rollout/wave", "write")
+        assert not allows(acl, token, "key", "other/key", "read")
+    assert not allows(acl, acl.resolve(""), "key", "edgegen/rollout/wave", "read")
     env = s.env("router")
     assert env["CONSUL_HTTP_TOKEN"] == s.token_file("router").read_text().strip()
     assert env["EDGEGEN_FLEET_KEY"].encode() == fleet_key(None, s.fleet_key_file)
