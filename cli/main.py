@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from cli import agent, bundle, deploy, export, manifests, mqtt, registry, router, up
+from cli import agent, bundle, deploy, export, manifests, mqtt, registry, rollout, router, up
 from cli.logs import setup_logging
 
 app = typer.Typer(
@@ -51,7 +51,7 @@ def main(
     setup_logging("debug" if debug else log_level)
 
 
-for module in (export, bundle, agent, registry, router, mqtt, deploy, manifests, up):
+for module in (export, bundle, agent, registry, router, mqtt, deploy, rollout, manifests, up):
     module.register(app)
 
 

@@ -26,7 +26,13 @@ from pathlib import Path
 from edge_agent.bundle import Bundle, find_in_store
 from edge_agent.bundle.fetch import fetch_bundle
 from edge_agent.bundle.signing import open_trusted
-from edge_agent.desired import Desired, DesiredStateError, NodeStatus, desired_key, status_key
+from edge_agent.desired import (
+    Desired,
+    DesiredStateError,
+    NodeStatus,
+    desired_key,
+    status_key,
+)
 from edge_agent.errors import AgentError, RegistrationError
 from edge_agent.registration import ConsulKV
 from edge_agent.serving.lifecycle import ModelHost

@@ -39,6 +39,7 @@ from manifests.consul_kv import Agent, ConsulKV, RegistryUnreachable
 from manifests.errors import DeployError, RolloutFailed
 from manifests.gates import (
     DEFAULT_GATES,
+    GateError,
     MetricsError,
     combine,
     decide,
@@ -46,7 +47,13 @@ from manifests.gates import (
     parse_metrics,
     window,
 )
-from manifests.waves import DEFAULT_WAVES, FleetNode, plan_waves
+from manifests.waves import (
+    DEFAULT_WAVES,
+    FleetNode,
+    PlanError,
+    parse_wave_spec,
+    plan_waves,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +107,11 @@ class FleetRollout:
                  progress: Callable[[RolloutView], None] = lambda view: None,
                  sleep: Callable[[float], None] = time.sleep):
         self.kv, self.digest, self.url, self.opt = kv, digest, url, options
-        self.gates = parse_gates(options.gates)   # a bad expression fails before anything
+        try:   # bad input fails before anything is written
+            self.gates = parse_gates(options.gates)
+            parse_wave_spec(options.waves)
+        except (GateError, PlanError) as exc:
+            raise DeployError(str(exc)) from exc
         self.progress = progress
         self.sleep = sleep
         self.view = RolloutView(id=uuid.uuid4().hex[:12], digest=digest)
@@ -138,8 +149,11 @@ class FleetRollout:
         nodes = [FleetNode(n, self.agents[n].group if n in self.agents else "",
                            online=n in self.agents and self.agents[n].healthy)
                  for n in sorted(known)]
-        waves = plan_waves(nodes, self.opt.waves,
-                           groups=list(self.opt.groups) if self.opt.groups else None)
+        try:
+            waves = plan_waves(nodes, self.opt.waves,
+                               groups=list(self.opt.groups) if self.opt.groups else None)
+        except PlanError as exc:
+            raise DeployError(f"cannot plan the rollout: {exc}") from exc
         for fn in nodes:
             if any(fn.name in w.nodes for w in waves):
                 self.view.nodes[fn.name] = NodeRow(fn.name, fn.group)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,7 +24,7 @@ from manifests.consul_kv import ConsulKV
 from manifests.errors import RolloutFailed
 from manifests.fleet_rollout import FleetRollout, RolloutBusy, RolloutOptions
 from tests.cloud_router.registry_support import start_registry
-from tests.support.procs import EdgegenProcess, free_port, wait_http
+from tests.support.procs import REPO, EdgegenProcess, free_port, wait_http
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.timeout(1800)]
 
@@ -231,3 +233,31 @@ def test_a_node_stopped_during_a_rollout_catches_up_when_started(fleet, bundles)
     while fleet.serving("us-2") != bundles["int4"].digest12:
         assert time.monotonic() < deadline, "us-2 never caught up"
         time.sleep(0.5)
+
+
+def test_abort_rolls_the_switched_nodes_back(fleet, bundles):
+    run = rollout(fleet, bundles["int8"], bake_s=120.0)
+    outcome: list[BaseException] = []
+
+    def go():
+        try:
+            run.run()
+        except BaseException as exc:   # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    with Load(fleet) as load:
+        thread = threading.Thread(target=go, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 300
+        while not run.view.waves or "switch_s" not in run.view.waves[0]:
+            assert time.monotonic() < deadline and thread.is_alive(), "the canary never switched"
+            time.sleep(0.3)
+        r = subprocess.run([sys.executable, "-m", "cli.main", "rollout", "abort", "--consul",
+                            fleet.consul], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        thread.join(300)
+    print("\n" + timeline(run.view))
+    assert outcome and "aborted by the user" in str(outcome[0])
+    assert run.view.state == "rolled back"
+    assert {fleet.serving(n) for n, _ in NODES} == {bundles["int4"].digest12}
+    assert load.failed == 0, load.failures[:5]
