@@ -122,9 +122,17 @@ def resume(consul: str = CONSUL, consul_token: str = TOKEN,
 
 
 def abort(consul: str = CONSUL, consul_token: str = TOKEN,
-          consul_token_file: Path = TOKEN_FILE) -> None:
+          consul_token_file: Path = TOKEN_FILE,
+          force: bool = typer.Option(False, "--force", help="Also release the lock of a "
+                                     "rollout whose process is gone (it can no longer read "
+                                     "the abort), so the next deploy may start.")) -> None:
     """Stop the running rollout: every switched node goes back to its last good bundle."""
     _control("abort", consul, consul_token, consul_token_file)
+    if force:
+        from edge_agent.desired import LOCK_KEY
+
+        _kv(consul, consul_token, consul_token_file).delete(LOCK_KEY)
+        console.print("lock released")
 
 
 for _cmd in (start, status, pause, resume, abort):

@@ -17,6 +17,7 @@ the loop between them and the fleet: Consul (``manifests.consul_kv``) and the ag
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -96,7 +97,6 @@ class RolloutView:
     waves: list[dict] = field(default_factory=list)   # name, nodes, state, gates, timings
 
     def to_json(self) -> bytes:
-        import json
         return json.dumps({"id": self.id, "digest": self.digest, "state": self.state,
                            "nodes": [vars(r) for r in self.nodes.values()],
                            "waves": self.waves}).encode()

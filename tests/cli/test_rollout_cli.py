@@ -42,6 +42,9 @@ def test_pause_and_abort_need_a_running_rollout(registry):
         assert kv.get("edgegen/rollout/control") == b"pause"
         r = edgegen("rollout", "status", "--consul", registry)
         assert "no rollout has run" in r.stdout
+        # a rollout whose process died holds the lock: --force releases it
+        r = edgegen("rollout", "abort", "--force", "--consul", registry)
+        assert r.returncode == 0 and kv.get("edgegen/rollout/lock") is None
     finally:
         kv.delete("edgegen/rollout/lock")
         kv.delete("edgegen/rollout/control")

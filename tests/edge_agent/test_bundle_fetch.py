@@ -116,3 +116,19 @@ def test_fetch_with_a_trust_policy_refuses_before_downloading(served, tiny_genai
             fetch_bundle(dead, cache, trust=other)
     finally:
         (published / "edgegen.sig").unlink()
+
+
+def test_a_bundle_that_does_not_fit_the_disk_is_refused_before_downloading(
+        served, tiny_genai_bundle, tmp_path, monkeypatch):
+    import edge_agent.bundle.fetch as fetch
+
+    total = sum(e["size"] for e in tiny_genai_bundle.manifest["files"].values())
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(fetch.shutil, "disk_usage", lambda path: usage._replace(
+        free=fetch.DISK_MARGIN + total - 1))
+    base, _ = served
+    with pytest.raises(BundleFetchError, match="MiB free"):
+        fetch_bundle(_url(base, tiny_genai_bundle), tmp_path)
+    partial = tmp_path / ".partial" / tiny_genai_bundle.digest   # no model file was fetched
+    assert {p.name for p in partial.iterdir()} <= {"edgegen.json", "edgegen.sig"}
+    assert not (tmp_path / tiny_genai_bundle.name).exists()
