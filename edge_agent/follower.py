@@ -10,13 +10,15 @@ Every step is reported in the node's ``status`` key.
 
 The bundle being served is remembered in the store (``remembered``), so an agent that
 restarts serves it again from disk, whether or not the registry is reachable, instead of
-the bundle its command line seeded it with. A registry that goes away is retried with
-backoff; the agent serves on.
+the bundle its command line seeded it with, as long as that seed is the one it started
+with (a new ``--bundle``, as a redeploy gives, wins). A registry that goes away is retried
+with backoff; the agent serves on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -49,12 +51,17 @@ def _record(settings: AgentSettings) -> Path:
 
 
 def remembered(settings: AgentSettings, trust) -> Bundle | None:
-    """The bundle this node served last, from its store (None: none, or no longer valid)."""
+    """The bundle this node served last, from its store, if it was started with the same
+    ``--bundle`` seed as now (None: none, another seed, or no longer valid)."""
     try:
-        digest = _record(settings).read_text().strip()
-        bundle = find_in_store(settings.store, digest) if digest else None
+        record = json.loads(_record(settings).read_text())
+        if record.get("seed") != settings.bundle:
+            return None
+        bundle = find_in_store(settings.store, str(record["digest"]))
         return open_trusted(bundle.path, trust) if bundle is not None else None
-    except (OSError, AgentError) as exc:
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, AgentError) as exc:
         log.warning("the bundle this node served last is not usable", extra={"error": str(exc)})
         return None
 
@@ -63,7 +70,7 @@ def remember(settings: AgentSettings, bundle: Bundle) -> None:
     path = _record(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(bundle.digest)
+    tmp.write_text(json.dumps({"digest": bundle.digest, "seed": settings.bundle}))
     tmp.replace(path)
 
 

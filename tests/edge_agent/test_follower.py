@@ -6,6 +6,7 @@ same against real processes: tests/e2e/test_fleet_rollout.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -124,6 +125,8 @@ def test_pre_pull_then_switch_keeps_the_old_bundle_as_last_good(store):
         await until(lambda: status(kv).serving == old.digest)
     settings = run(scenario, store)
     assert remembered(settings, None).digest == store[1].digest
+    # a new seed (a redeploy with another --bundle) wins over what was served
+    assert remembered(dataclasses.replace(settings, bundle="/elsewhere"), None) is None
 
 
 def test_a_bundle_that_cannot_be_had_is_reported_and_the_node_serves_on(store):
