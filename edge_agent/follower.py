@@ -145,7 +145,7 @@ class DesiredStateFollower:
             await self._report(state="ready", ready=bundle.digest, rollout=desired.rollout)
             return
         result = await self.host.swap(str(bundle.path))
-        if isinstance(result, ErrorResult):
+        if isinstance(result, ErrorResult):   # tried once: a new desired state tries again
             await self._report(state="failed", error=result.message, rollout=desired.rollout)
             return
         remember(self.settings, result)

@@ -80,7 +80,7 @@ class BatchRow:
         self.length = 0       # positions of the row's KV that hold this sequence's tokens
         self.rng = rng
         self.salt = salt
-        self.epoch = 0        # the prefix cache's epoch when the row was placed
+        self.epoch = None     # the prefix cache's epoch when placed (or its work queued)
 
 
 def kv_buffer(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -197,9 +197,7 @@ class BatchEngine(GenerationEngine):
                 self._move(last, row.index)
             self.rows.pop()
             row.index = -1
-            # the buffer keeps the pages it has used: giving them back when idle made the next
-            # long prompt fault them in again (~30 ms of a 1.2k-token cache hit's 90 ms)
-        seq.data = None
+        seq.data = None  # the KV buffer keeps its pages: freeing them cost a long hit ~30 ms
 
     def has_idle_work(self) -> bool:
         return self._idle is not None or bool(self._reread)
@@ -213,6 +211,7 @@ class BatchEngine(GenerationEngine):
                 return  # placed before a reset: it must not fill the cache again
             self._idle = self.start(history, SamplingParams(max_tokens=1, temperature=0.0),
                                     cache_salt=salt)
+            self._idle.data.epoch = epoch  # a reset applied while placing it makes it stale
         try:
             done = self._read_prompt(self._idle, IDLE_CHUNK) is not None
         except Exception as exc:  # noqa: BLE001 - a failed re-read costs only a cache entry
@@ -285,7 +284,8 @@ class BatchEngine(GenerationEngine):
         block = self.prefix_cache.block_tokens
         for i, kv in enumerate(blocks):
             self.kv[:, index, :, i * block:(i + 1) * block] = kv
-        row.index, row.length, row.epoch = index, cached, self.prefix_cache.epoch
+        row.index, row.length = index, cached
+        row.epoch = self.prefix_cache.epoch if row.epoch is None else row.epoch
         seq.cached_tokens = cached
         self.rows.append(seq)
 

@@ -232,3 +232,29 @@ def test_a_reset_leaves_no_entry_of_a_request_admitted_before_it(tiny_genai_bund
         assert one(engine, SYSTEM + QUESTIONS[0])[1] == 0
     finally:
         engine.close()
+
+
+def test_a_reset_requested_while_a_reread_is_placed_leaves_no_entry(tiny_genai_bundle,
+                                                                    monkeypatch):
+    """The race a loaded CI machine found: the idle re-read of a conversation from before a
+    reset, placed just as the reset is requested (the reset is applied by its own lookup),
+    must not fill the cache under the new epoch."""
+    engine = make("genai", tiny_genai_bundle)
+    try:
+        one(engine, SYSTEM + QUESTIONS[0], SamplingParams(max_tokens=40, temperature=0.0,
+                                                          ignore_eos=True))
+        assert engine.has_idle_work()
+        epoch = engine.prefix_cache.epoch
+        start = engine.start
+
+        def start_then_reset(*args, **kwargs):            # between the queue and the place
+            seq = start(*args, **kwargs)
+            engine.prefix_cache.request_reset()
+            return seq
+        monkeypatch.setattr(engine, "start", start_then_reset)
+        while engine.has_idle_work():
+            engine.idle_step()
+        assert engine.prefix_cache.epoch == epoch + 1      # the reset was applied
+        assert len(engine.prefix_cache) == 0
+    finally:
+        engine.close()
