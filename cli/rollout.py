@@ -77,7 +77,7 @@ def start(
     kv = _kv(consul, consul_token, consul_token_file)
     with Live(Table(title="rollout: planning"), console=console, refresh_per_second=4) as live:
         run = FleetRollout(kv, b.digest, bundle_url, options,
-                           progress=lambda v: live.update(view_table(json.loads(v.to_json()))))
+                           progress=lambda v: live.update(view_table(v.to_dict())))
         view = run.run()
     console.print(f"[green]rolled out[/] {b.name} {b.digest12} to "
                   f"{sum(1 for r in view.nodes.values() if r.state == 'switched')} nodes; "

@@ -145,7 +145,7 @@ class Scheduler:
         return len(self.running) + len(self.waiting)
 
     def full(self) -> bool:
-        return self.inflight >= self.max_concurrency + self.queue_size
+        return self.room() == 0
 
     def retry_after_s(self) -> int:
         return retry_after_s(self.slot_s, self.max_concurrency)

@@ -96,10 +96,12 @@ class RolloutView:
     nodes: dict[str, NodeRow] = field(default_factory=dict)
     waves: list[dict] = field(default_factory=list)   # name, nodes, state, gates, timings
 
+    def to_dict(self) -> dict:
+        return {"id": self.id, "digest": self.digest, "state": self.state,
+                "nodes": [vars(r) for r in self.nodes.values()], "waves": self.waves}
+
     def to_json(self) -> bytes:
-        return json.dumps({"id": self.id, "digest": self.digest, "state": self.state,
-                           "nodes": [vars(r) for r in self.nodes.values()],
-                           "waves": self.waves}).encode()
+        return json.dumps(self.to_dict()).encode()
 
 
 class FleetRollout:
@@ -186,8 +188,7 @@ class FleetRollout:
                     pending.discard(node)
                 elif status.state == "fetching":
                     row.detail = f"fetching {status.progress:.0%}"
-            for node in set(self.view.nodes) - set(self._online(self.view.nodes)):
-                self.view.nodes[node].state = "deferred"
+            self._online(self.view.nodes)   # marks the nodes that went offline deferred
             self._show()
             if time.monotonic() - started > self.opt.prepull_timeout:
                 raise RolloutFailed(f"pre-pull not done in {self.opt.prepull_timeout:.0f} s: "
@@ -206,8 +207,9 @@ class FleetRollout:
                     if n not in self.switched and n not in nodes]
         for node in nodes:
             before = self._status(node)
+            agent = self.agents.get(node)
             self.switched[node] = (before.serving if before else "") or \
-                self.agents.get(node, Agent(node, "", "", "", False)).digest12
+                (agent.digest12 if agent else "")
             self._write_desired(node, self.digest, switch=True)
         online = self._online(nodes)
         self._await_switch(online, started)

@@ -86,10 +86,10 @@ def prompt_messages(messages: list, tools: list[dict] | None, native: bool) -> l
                             "tool_call_id": message.tool_call_id})
             else:
                 response = f"<tool_response>\n{text}\n</tool_response>"
-                if out and out[-1].get("tool_results"):  # one user turn per batch of results
+                if i and messages[i - 1].role == "tool":  # one user turn per batch of results
                     out[-1]["content"] += "\n" + response
                 else:
-                    out.append({"role": "user", "content": response, "tool_results": True})
+                    out.append({"role": "user", "content": response})
             continue
         entry = {"role": message.role, "content": text}
         if message.role == "assistant" and message.tool_calls:
@@ -110,8 +110,6 @@ def prompt_messages(messages: list, tools: list[dict] | None, native: bool) -> l
                 written = "\n".join(call_text(c.function.name, json.dumps(a)) for c, a in calls)
                 entry["content"] = f"{text}\n{written}" if text else written
         out.append(entry)
-    for entry in out:
-        entry.pop("tool_results", None)
     if tools and not native:
         described = DEFAULT_TOOLS_PROMPT.format(tools="\n".join(json.dumps(t) for t in tools))
         if out[0]["role"] in ("system", "developer"):
