@@ -192,13 +192,10 @@ def check_schema(schema, param: str) -> ErrorResult | None:
 def compile_output(plan: OutputPlan, vocab: TokenVocabulary):
     """The grammar of ``plan`` compiled for this model (a ``grammar.Constraint``), or a 400
     naming the schema llguidance cannot enforce and why."""
-    grammar = lark_grammar(plan.grammar)
-    problem = vocab.check(grammar)
-    if problem is None:
-        try:
-            return vocab.constraint(grammar)
-        except GrammarError as exc:
-            problem = str(exc)
+    try:   # compiling is the check: llguidance refuses what it cannot enforce
+        return vocab.constraint(lark_grammar(plan.grammar))
+    except GrammarError as exc:
+        problem = str(exc)
     param = plan.schemas[0][0] if plan.schemas else "tools"
     for name, schema in plan.schemas:  # which schema it is
         try:
