@@ -82,6 +82,7 @@ class Fleet:
     agent_env: dict = field(default_factory=dict, repr=False)   # secrets the agents get
     secrets: FleetSecrets | None = None   # Consul ACL tokens and the fleet key (files, 0600)
     bundle: BundleRef | None = None
+    temporary: bool = False   # the workdir is the fleet's own: stop() deletes it
 
     def _spawn(self, name: str, argv, env: dict | None = None) -> subprocess.Popen:
         log_path = self.workdir / "logs" / f"{name.replace('/', '-')}.log"
@@ -212,8 +213,10 @@ class Fleet:
     def alive(self) -> list[str]:
         return [n for n, p in self.procs if p.poll() is None]
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM every process (last started first), SIGKILL what outlives ``timeout``."""
+    def stop(self, timeout: float = 15.0, keep_logs: bool = False) -> None:
+        """SIGTERM every process (last started first), SIGKILL what outlives ``timeout``; then
+        delete a temporary workdir (each node's copy of the bundle is a bundle's size), all
+        but its logs when ``keep_logs`` (a fleet that failed: its error points at them)."""
         for _, p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -224,15 +227,27 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
+        if not self.temporary:
+            return
+        if not keep_logs:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            return
+        for entry in self.workdir.iterdir():
+            if entry.is_dir() and entry.name != "logs":
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.is_file():
+                entry.unlink()
 
 
 def start_fleet(opts: FleetOptions, console=None) -> Fleet:
-    workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="edgegen-fleet-"))
-    fleet = Fleet(opts, Path(workdir))
+    if opts.workdir:
+        fleet = Fleet(opts, Path(opts.workdir))
+    else:
+        fleet = Fleet(opts, Path(tempfile.mkdtemp(prefix="edgegen-fleet-")), temporary=True)
     try:
         return fleet.start(console)
-    except BaseException:
-        fleet.stop()
+    except BaseException as e:
+        fleet.stop(keep_logs=not isinstance(e, KeyboardInterrupt))
         raise
 
 
@@ -275,6 +290,7 @@ def run_fleet(opts: FleetOptions, console=None, demo: bool = False) -> None:
 
     signal.signal(signal.SIGTERM, _terminate)
     fleet = start_fleet(opts, console)
+    failed = False
     try:
         if demo:
             _demo(fleet, say)
@@ -291,8 +307,11 @@ def run_fleet(opts: FleetOptions, console=None, demo: bool = False) -> None:
             time.sleep(1)
     except KeyboardInterrupt:
         say("\nstopping ...")
+    except BaseException:
+        failed = True
+        raise
     finally:
-        fleet.stop()
+        fleet.stop(keep_logs=failed)
 
 
 def _demo(fleet: Fleet, say: Callable[[str], None]) -> None:

@@ -84,6 +84,8 @@ class Fleet:
     def stop(self) -> None:
         for p in [self.router, *self.agents.values(), self.server, self.registry]:
             p.stop()
+        for node, _ in NODES:   # several GB of bundle copies; the logs stay
+            shutil.rmtree(self.tmp / node, ignore_errors=True)
 
 
 class Load:
@@ -150,9 +152,10 @@ def renamed(bundle, store):
 @pytest.fixture(scope="module")
 def bundles(smollm2_int4_bundle, smollm2_int8_bundle, smollm2_fp32_bundle, tmp_path_factory):
     store = tmp_path_factory.mktemp("rollout-bundles")
-    return {"int4": renamed(smollm2_int4_bundle, store),
-            "int8": renamed(smollm2_int8_bundle, store),
-            "fp32": renamed(smollm2_fp32_bundle, store)}
+    yield {"int4": renamed(smollm2_int4_bundle, store),
+           "int8": renamed(smollm2_int8_bundle, store),
+           "fp32": renamed(smollm2_fp32_bundle, store)}
+    shutil.rmtree(store, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ class FakeFleet:
         self.procs = [("router", CtrlC())]
         self.stopped = False
 
-    def stop(self):
+    def stop(self, keep_logs=False):
         self.stopped = True
 
 
@@ -98,3 +98,34 @@ def test_the_demo_prints_no_commands_for_the_fleet_it_stops(fake_fleet):
             f"--temperature 0 --no-stream '{demo.PROMPT}'\n") in out
     assert "MQTT answer: Edge is near.\n" in out
     assert fake_fleet.stopped
+
+
+def fleet_workdir(tmp_path: Path) -> fleet.Fleet:
+    """A stopped fleet's temporary workdir: logs, a node's bundle copy, the broker's config."""
+    workdir = tmp_path / "edgegen-fleet-x"
+    (workdir / "logs").mkdir(parents=True)
+    (workdir / "logs" / "router.log").write_text("router exited\n")
+    (workdir / "nodes" / "edge-1" / "bundles").mkdir(parents=True)
+    (workdir / "nodes" / "edge-1" / "bundles" / "model.onnx").write_bytes(b"x" * 1024)
+    (workdir / "mosquitto.conf").write_text("listener 1883\n")
+    return fleet.Fleet(fleet.FleetOptions(), workdir, temporary=True)
+
+
+def test_a_stopped_fleet_deletes_its_temporary_workdir(tmp_path):
+    f = fleet_workdir(tmp_path)
+    f.stop()
+    assert not f.workdir.exists()
+
+
+def test_a_failed_fleet_keeps_only_the_logs_its_error_points_at(tmp_path):
+    f = fleet_workdir(tmp_path)
+    f.stop(keep_logs=True)
+    assert [p.name for p in f.workdir.iterdir()] == ["logs"]
+    assert (f.workdir / "logs" / "router.log").read_text() == "router exited\n"
+
+
+def test_a_fleet_never_deletes_a_workdir_it_was_given(tmp_path):
+    f = fleet_workdir(tmp_path)
+    f.temporary = False
+    f.stop()
+    assert (f.workdir / "nodes" / "edge-1" / "bundles" / "model.onnx").exists()
