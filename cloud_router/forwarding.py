@@ -1,7 +1,8 @@
 """Sending a request to the chosen endpoint, and trying another one when that fails.
 
-The one module that talks to upstream agents (httpx, one pooled keep-alive client). It says
-what happened and builds no HTTP response; the app maps the outcome to one:
+The one module that sends requests to upstream agents (aiohttp: one pooled keep-alive client
+with a C parser; ``streams`` reads their SSE answers). It says what happened and builds no
+HTTP response; the proxy maps the outcome to one:
 
     Forwarded   an upstream's answer, to pass on as it is: a whole body, or an SSE stream
                 whose first bytes have arrived (``UpstreamStream``)
@@ -16,26 +17,35 @@ Rules:
   is read whole before it is returned, and a stream's first chunk is read before it is, so
   both stay retryable up to that point. When every try failed, the last upstream answer (5xx
   or 429) is passed on if there was one.
+- A 2xx-4xx answer that is not a JSON object (or a stream) is no success: it is retried
+  like a 5xx and never passed on.
 - SSE passes through event by event as it arrives (a partial event waits for its end, so a
-  stream that breaks never leaves half an event behind). A stream that breaks after the first
-  byte ends with an OpenAI-shaped error event. Closing a stream closes the upstream response,
+  stream that breaks never leaves half an event behind). A chat stream that breaks after the
+  first byte is continued on another endpoint (``cloud_router.resume``); one that cannot be
+  ends with an OpenAI-shaped error event. Closing a stream closes the upstream response,
   which closes the upstream connection and so cancels the generation when the client left.
+- An endpoint that refuses the connection, or whose stream breaks after the first byte, is
+  ejected at once (its process is gone; ``StatsBook.failed(hard=True)``), not after the
+  usual run of failures: the retry and the next requests go elsewhere without waiting for
+  Consul's health check.
 - Every forwarded request is counted once in ``edgegen_router_requests_total`` here, when its
   outcome is known (a stream's when it ends).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Mapping
 
-import httpx
+import aiohttp
 
 from cloud_router.endpoints import Endpoint
 from cloud_router.metrics import RouterMetrics
 from cloud_router.policy import Decision, RequestHints
-from cloud_router.protocol import sse_error_event
+from cloud_router.resume import RESUME_HEADER, Transcript, resumable
+from cloud_router.streams import TRANSPORT_ERRORS, UpstreamStream
 from cloud_router.table import EndpointTable
 
 log = logging.getLogger(__name__)
@@ -53,6 +63,7 @@ class ForwardConfig:
     max_connections: int = 512
     keepalive_expiry_s: float = 30.0
     retry_after_s: int = 2          # when to try again, if nothing can serve
+    max_migrations: int = 2         # times one stream may move on after its edge broke
 
 
 @dataclass(frozen=True)
@@ -84,84 +95,54 @@ class _Failure:
     answer: Forwarded | None = None   # the upstream's own 5xx/429, passed on if it is the last
 
 
-class UpstreamStream:
-    """An upstream SSE answer on its way to the client, whole events at a time.
-
-    The sender iterates ``events()`` and then calls ``close(delivered)`` exactly once, however
-    the sending ended: that releases the upstream response and counts the outcome.
-    """
-
-    def __init__(self, endpoint: Endpoint, first: bytes, rest: AsyncIterator[bytes],
-                 on_break: Callable[[BaseException], None],
-                 on_close: Callable[[str | None], Awaitable[None]]):
-        self.endpoint = endpoint
-        self._first, self._rest = first, rest
-        self._on_break, self._on_close = on_break, on_close
-        self.broken = False
-
-    async def events(self) -> AsyncIterator[bytes]:
-        buf = self._first
-        try:
-            while True:
-                cut = _last_event_end(buf)
-                if cut:
-                    yield buf[:cut]
-                    buf = buf[cut:]
-                try:
-                    buf += await self._rest.__anext__()
-                except StopAsyncIteration:
-                    break
-        except httpx.TransportError as exc:
-            self.broken = True
-            self._on_break(exc)
-            yield sse_error_event(
-                f"the stream from {self.endpoint.node} broke: {type(exc).__name__}")
-            return
-        if buf:
-            yield buf
-
-    async def close(self, delivered: bool) -> None:
-        """``delivered``: the client got the stream to its end (False: it left)."""
-        await self._on_close(None if self.broken else "ok" if delivered else "cancelled")
-
-
-_EVENT_ENDS = (b"\r\n\r\n", b"\n\n", b"\r\r")
-
-
-def _last_event_end(buf: bytes) -> int:
-    """Index just past the last complete SSE event in ``buf`` (0 if none is complete)."""
-    best = 0
-    for sep in _EVENT_ENDS:
-        i = buf.rfind(sep)
-        if i >= 0:
-            best = max(best, i + len(sep))
-    return best
+def _json_object(headers: Mapping[str, str], body: bytes) -> bool:
+    """An agent's answer as it must look: ``application/json``, an object. Checked by its
+    ends, not parsed: parsing every answer would cost more than the rest of the forwarding."""
+    body = body.strip()
+    return (headers.get("content-type", "").startswith("application/json")
+            and body[:1] == b"{" and body[-1:] == b"}")
 
 
 class Forwarder:
     def __init__(self, table: EndpointTable, metrics: RouterMetrics,
-                 config: ForwardConfig = ForwardConfig(),
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 config: ForwardConfig = ForwardConfig()):
         self.table = table
         self.metrics = metrics
         self.config = config
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s),
-            limits=httpx.Limits(max_connections=config.max_connections,
-                                max_keepalive_connections=config.max_connections,
-                                keepalive_expiry=config.keepalive_expiry_s),
-            transport=transport, follow_redirects=False)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled client, made on first use (inside the server's event loop)."""
+        if self._session is None:
+            c = self.config
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=c.max_connections,
+                                               keepalive_timeout=c.keepalive_expiry_s),
+                timeout=aiohttp.ClientTimeout(total=None, connect=c.connect_timeout_s,
+                                              sock_read=c.read_timeout_s),
+                auto_decompress=False,   # bytes pass on as the upstream sent them
+                skip_auto_headers=("User-Agent", "Accept-Encoding"))
+        return self._session
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def forward(self, path: str, body: bytes, headers: dict[str, str],
-                      hints: RequestHints) -> Forwarded | Refused:
-        """One client request: choose, send, retry elsewhere if allowed."""
+                      hints: RequestHints, payload: Any = None) -> Forwarded | Refused:
+        """One client request: choose, send, retry elsewhere if allowed. ``payload``: the
+        body's JSON, which says whether a broken stream may be continued elsewhere."""
         table = self.table
         table.budget.request(table.clock())
         tried: set[str] = set()
         last: _Failure | None = None
+        transcript = Transcript(payload) if resumable(path, payload) else None
+
+        async def resume(t: Transcript) -> UpstreamStream | None:
+            return await self._continue(path, headers, hints, tried, t)
+
         for attempt in range(self.config.max_attempts):
             decision = table.choose(hints, tried)
             if decision.endpoint is None:
@@ -172,10 +153,13 @@ class Forwarder:
                     break
                 self.metrics.retries.inc()
             tried.add(decision.endpoint.id)
-            result = await self._attempt(decision, path, body, headers)
+            result = await self._attempt(decision, path, body, headers, transcript, resume)
             if isinstance(result, Forwarded):
                 if decision.endpoint.tier == "central":
                     self.metrics.fallbacks.inc()
+                if result.stream is None:   # a stream is counted when it ends
+                    self.metrics.requests.labels(
+                        result.endpoint.tier, "ok" if result.status < 400 else "client_error").inc()
                 return result
             last = result
             log.info("upstream attempt failed", extra={
@@ -195,32 +179,59 @@ class Forwarder:
         self.metrics.requests.labels(tier, outcome).inc()
         return Refused(msg, self.config.retry_after_s)
 
+    async def _continue(self, path: str, headers: dict[str, str], hints: RequestHints,
+                        tried: set[str], transcript: Transcript) -> UpstreamStream | None:
+        """A stream that continues ``transcript`` on an endpoint not tried yet, or None when
+        none can (no endpoint, the retry budget or the migration limit spent)."""
+        table = self.table
+        payload, extra = transcript.continuation()
+        body, headers = json.dumps(payload).encode(), {**headers, **extra}
+        while transcript.migrations < self.config.max_migrations:
+            decision = table.choose(hints, tried)
+            if decision.endpoint is None or not table.budget.try_retry(table.clock()):
+                return None
+            transcript.migrations += 1
+            tried.add(decision.endpoint.id)
+            result = await self._attempt(decision, path, body, headers)
+            if isinstance(result, Forwarded) and result.stream is not None:
+                self.metrics.resumed.inc()
+                log.info("stream continued", extra={"endpoint": decision.endpoint.id,
+                                                    "migration": transcript.migrations})
+                return result.stream
+            log.info("stream continuation failed", extra={
+                "endpoint": decision.endpoint.id,
+                "why": getattr(result, "why", None) or f"status {result.status}"})
+        return None
+
     async def _attempt(self, decision: Decision, path: str, body: bytes,
-                       headers: dict[str, str]) -> Forwarded | _Failure:
+                       headers: dict[str, str], transcript: Transcript | None = None,
+                       resume=None) -> Forwarded | _Failure:
         ep = decision.endpoint
         stats, clock = self.table.stats, self.table.clock
         stats.started(ep.id, probe=decision.probe)
         start = clock()
-        out_headers = {k: v for k, v in headers.items() if k in FORWARDED_REQUEST_HEADERS}
-        request = self.client.build_request("POST", ep.url + path, content=body,
-                                            headers=out_headers)
+        out_headers = {k: v for k, v in headers.items()
+                       if k in FORWARDED_REQUEST_HEADERS or k == RESUME_HEADER}
         handed_over = False
         try:
             try:
-                upstream = await self.client.send(request, stream=True)
-            except httpx.TransportError as exc:
+                upstream = await self.session.post(ep.url + path, data=body,
+                                                   headers=out_headers, allow_redirects=False)
+            except aiohttp.ClientConnectorError as exc:   # refused, unreachable: gone
+                return self._failed(ep, start, f"{type(exc).__name__}: {exc}", hard=True)
+            except TRANSPORT_ERRORS as exc:
                 return self._failed(ep, start, f"{type(exc).__name__}: {exc}")
             ttfb_ms = (clock() - start) * 1000
-            status = upstream.status_code
-            reply_headers = dict(upstream.headers.items())
-            is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+            status = upstream.status
+            reply_headers = {k.lower(): v for k, v in upstream.headers.items()}
+            is_sse = reply_headers.get("content-type", "").startswith("text/event-stream")
             if status >= 500 or status == 429 or not is_sse:
                 try:
-                    raw = b"".join([c async for c in upstream.aiter_raw()])
-                except httpx.TransportError as exc:
+                    raw = await upstream.read()
+                except TRANSPORT_ERRORS as exc:
                     return self._failed(ep, start, f"{type(exc).__name__} reading body: {exc}")
                 finally:
-                    await upstream.aclose()
+                    upstream.release()
                 answer = Forwarded(ep, decision.reason, status, reply_headers, body=raw)
                 self._observe(ep, start)
                 if status == 429:
@@ -229,29 +240,33 @@ class Forwarder:
                 if status >= 500:
                     self._failed(ep, start, f"status {status}")
                     return _Failure(ep, f"status {status}", answer)
+                if not _json_object(reply_headers, raw):   # garbage is no success
+                    self.metrics.invalid_answers.inc()
+                    return self._failed(ep, start, f"status {status} with a body that is not "
+                                        "a JSON object")
                 stats.succeeded(ep.id, ttfb_ms)
-                outcome = "ok" if status < 400 else "client_error"
-                self.metrics.requests.labels(ep.tier, outcome).inc()
                 return answer
-            chunks = upstream.aiter_raw()
+            chunks = upstream.content.iter_any()
             try:
                 first = await chunks.__anext__()
-            except (httpx.TransportError, StopAsyncIteration) as exc:
-                await upstream.aclose()
+            except (*TRANSPORT_ERRORS, StopAsyncIteration) as exc:
+                upstream.close()
                 return self._failed(ep, start, f"stream ended before its first byte: {exc!r}")
             stats.succeeded(ep.id, ttfb_ms)
             handed_over = True
             stream = UpstreamStream(
-                ep, first, chunks, on_break=lambda exc: self._stream_broken(ep, exc),
-                on_close=lambda outcome: self._stream_closed(ep, start, upstream, outcome))
+                ep, first, chunks, on_break=self._stream_broken, on_lost=self._stream_lost,
+                on_close=lambda outcome: self._stream_closed(ep, start, upstream, outcome),
+                transcript=transcript, resume=resume)
             return Forwarded(ep, decision.reason, status, reply_headers, stream=stream)
         finally:
             if not handed_over:
                 stats.finished(ep.id)
 
-    def _failed(self, ep: Endpoint, start: float, why: str) -> _Failure:
+    def _failed(self, ep: Endpoint, start: float, why: str, hard: bool = False) -> _Failure:
         self._observe(ep, start)
-        if self.table.stats.failed(ep.id, self.table.clock(), self.table.tier_ids(ep.tier)):
+        if self.table.stats.failed(ep.id, self.table.clock(), self.table.tier_ids(ep.tier),
+                                   hard=hard):
             log.warning("endpoint ejected", extra={"endpoint": ep.id, "why": why})
         return _Failure(ep, why)
 
@@ -259,15 +274,25 @@ class Forwarder:
         self.metrics.upstream_duration.labels(ep.id).observe(self.table.clock() - start)
 
     def _stream_broken(self, ep: Endpoint, exc: BaseException) -> None:
-        """Counted at once, before the client sees the error event."""
+        """An endpoint whose stream broke is ejected at once: its process is gone."""
         log.warning("upstream stream broke", extra={"endpoint": ep.id, "error": repr(exc)})
-        self.table.stats.failed(ep.id, self.table.clock(), self.table.tier_ids(ep.tier))
+        self.table.stats.failed(ep.id, self.table.clock(), self.table.tier_ids(ep.tier),
+                                hard=True)
+
+    def _stream_lost(self, ep: Endpoint) -> None:
+        """A stream that cannot go on: counted at once, before the client sees the error
+        event."""
         self.metrics.requests.labels(ep.tier, "stream_broken").inc()
 
-    async def _stream_closed(self, ep: Endpoint, start: float, upstream: httpx.Response,
-                             outcome: str | None) -> None:
-        """outcome: ok | cancelled (the client left), None when already counted (broke)."""
-        await upstream.aclose()
+    async def _stream_closed(self, ep: Endpoint, start: float,
+                             upstream: aiohttp.ClientResponse, outcome: str | None) -> None:
+        """outcome: ok | cancelled (the client left), None when already counted (broke).
+        Only a stream read to its end gives its connection back to the pool; closing one
+        mid-way closes the connection, which is what cancels the generation upstream."""
+        if outcome == "ok":
+            upstream.release()
+        else:
+            upstream.close()
         self.table.stats.finished(ep.id)
         self._observe(ep, start)
         if outcome is not None:

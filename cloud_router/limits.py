@@ -13,7 +13,7 @@ import asyncio
 import json
 from typing import Any
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cloud_router.protocol import error_body
 
@@ -76,7 +76,8 @@ def _too_deep(max_depth: int) -> str:
 
 class BodyLimit:
     """ASGI middleware: 413 for a body over ``max_bytes`` (before reading it when
-    ``Content-Length`` says so), 408 for one that does not arrive within ``read_timeout``."""
+    ``Content-Length`` says so), 408 for one that does not arrive within ``read_timeout``.
+    ``read`` is the same rule for an app that reads its body itself (the forwarded paths)."""
 
     def __init__(self, app, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  read_timeout: float = DEFAULT_READ_TIMEOUT_S, on_refused=None):
@@ -88,17 +89,8 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._refuse(send, 413, self._too_large(length))
-        try:
-            body = await asyncio.wait_for(self._read(receive), self.read_timeout)
-        except asyncio.TimeoutError:
-            return await self._refuse(send, 408, f"the request body did not arrive within "
-                                                 f"{self.read_timeout:g} s")
+        body = await self.read(scope, receive, send)
         if body is None:
-            return await self._refuse(send, 413, self._too_large(None))
-        if isinstance(body, dict):  # the client went away
             return None
         replayed = False
 
@@ -111,16 +103,41 @@ class BodyLimit:
 
         return await self.app(scope, replay, send)
 
-    async def _read(self, receive) -> bytes | dict | None:
-        parts, size = [], 0
+    async def read(self, scope, receive, send) -> bytes | None:
+        """The whole body; None when it was refused here (answered 413 or 408) or the client
+        went away."""
+        length = _header(scope, b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await self._refuse(send, 413, self._too_large(length))
+            return None
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                body = await self._read(receive)
+        except TimeoutError:
+            await self._refuse(send, 408, f"the request body did not arrive within "
+                                          f"{self.read_timeout:g} s")
+            return None
+        if body is _TOO_LARGE:
+            await self._refuse(send, 413, self._too_large(None))
+            return None
+        return body   # None: the client went away
+
+    async def _read(self, receive) -> bytes | object | None:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body = message.get("body", b"")
+        if not message.get("more_body", False):   # the usual case: one message
+            return body if len(body) <= self.max_bytes else _TOO_LARGE
+        parts, size = [body], len(body)
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return message
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                return None
+                return _TOO_LARGE
             parts.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(parts)
@@ -141,25 +158,34 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class HeadTimeoutH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, closing a connection whose request head has not arrived
-    ``head_timeout`` seconds after it opened or its last response ended (slowloris)."""
+_TOO_LARGE = object()
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+class HeadTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol (C parser), closing a connection whose request head has not
+    arrived ``head_timeout`` seconds after it opened or its last response ended (slowloris)."""
 
     head_timeout = DEFAULT_HEAD_TIMEOUT_S
+    _head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm_head_timer()
 
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._arm_head_timer()
-
-    def handle_events(self) -> None:
-        before = self.cycle
-        super().handle_events()
-        if self.cycle is not before:
-            self._cancel_head_timer()
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
@@ -171,9 +197,8 @@ class HeadTimeoutH11Protocol(H11Protocol):
             self._head_timer = self.loop.call_later(self.head_timeout, self._head_late)
 
     def _cancel_head_timer(self) -> None:
-        timer = getattr(self, "_head_timer", None)
-        if timer is not None:
-            timer.cancel()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
             self._head_timer = None
 
     def _head_late(self) -> None:
@@ -182,5 +207,5 @@ class HeadTimeoutH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def head_timeout_protocol(seconds: float) -> type[HeadTimeoutH11Protocol]:
-    return type("HeadTimeoutH11Protocol", (HeadTimeoutH11Protocol,), {"head_timeout": seconds})
+def head_timeout_protocol(seconds: float) -> type[HeadTimeoutProtocol]:
+    return type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout": seconds})

@@ -44,6 +44,12 @@ class RouterMetrics:
             buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
         self.retries = Counter("edgegen_router_retries", "Requests sent again to another "
                                "endpoint after a failure.", registry=self.registry)
+        self.invalid_answers = Counter(
+            "edgegen_router_upstream_invalid_answers", "Upstream answers below 500 that were "
+            "not a JSON object (or a stream): retried elsewhere, never passed on.",
+            registry=self.registry)
+        self.resumed = Counter("edgegen_router_streams_resumed", "Streams continued on "
+                               "another endpoint after theirs broke.", registry=self.registry)
         self.fallbacks = Counter("edgegen_router_fallbacks", "Requests sent to the central tier "
                                  "because no edge could take them.", registry=self.registry)
         self.registry.register(_EndpointGauge(rows))

@@ -4,10 +4,11 @@ Mutable state, but no clock and no I/O: every method takes ``now`` (seconds, mon
 the ejection and budget rules are tested on plain numbers. The forwarder feeds it outcomes;
 the policy reads a snapshot of it (an immutable copy).
 
-Outlier ejection follows Envoy's: ``consecutive_failures`` failures in a row eject an endpoint
-for a backoff that doubles with each ejection (capped); when the backoff is over, the next
-request that the policy sends there is the single probe, and its outcome decides (success
-brings it back, failure ejects it again for longer). Ejections never take more than
+Outlier ejection follows Envoy's: ``consecutive_failures`` failures in a row, or a single hard
+one (the connection refused, a stream cut: Envoy's local-origin failures with a threshold of
+one), eject an endpoint for a backoff that doubles with each ejection (capped); when the
+backoff is over, the next request that the policy sends there is the single probe, and its
+outcome decides (success brings it back, failure ejects it again for longer). Ejections never take more than
 ``max_ejection_share`` of a tier out of service (at least one endpoint may always be ejected).
 """
 
@@ -97,17 +98,19 @@ class StatsBook:
         self._set(endpoint_id, consecutive_failures=0, ejected_until=None,
                   probe_inflight=False, backoff_level=0)
 
-    def failed(self, endpoint_id: str, now: float, tier_ids: Collection[str]) -> bool:
-        """Count a failure; returns True when this failure ejected the endpoint."""
+    def failed(self, endpoint_id: str, now: float, tier_ids: Collection[str],
+               hard: bool = False) -> bool:
+        """Count a failure; returns True when this failure ejected the endpoint. ``hard``: the
+        endpoint's process is gone (connection refused, a stream cut mid-way), which one
+        failure shows as well as a run of them."""
         before = self.get(endpoint_id)
         s = self._set(endpoint_id, failures=before.failures + 1, probe_inflight=False,
                       consecutive_failures=before.consecutive_failures + 1)
         # A failed probe ejects again at once; otherwise a healthy endpoint is ejected after
-        # enough failures in a row, if the tier can spare it.
+        # enough failures in a row (or one hard one), if the tier can spare it.
+        enough = hard or s.consecutive_failures >= self.ejection.consecutive_failures
         eject = before.probe_inflight or (
-            s.ejected_until is None
-            and s.consecutive_failures >= self.ejection.consecutive_failures
-            and self._may_eject(tier_ids))
+            s.ejected_until is None and enough and self._may_eject(tier_ids))
         if eject:
             backoff = min(self.ejection.max_backoff_s,
                           self.ejection.base_backoff_s * 2 ** s.backoff_level)

@@ -18,12 +18,14 @@ import pytest
 
 from cloud_router import geo
 from cloud_router import protocol as router_protocol
+from cloud_router import resume as router_resume
 from cloud_router.discovery import endpoints_from_health
 from cloud_router.endpoints import CENTRAL_SERVICE, EDGE_SERVICE, META_KEYS
 from cloud_router.registry import coordinates
 from edge_agent.mqtt.contract import error_payload
 from edge_agent.registration import registration_payload
 from edge_agent.serving import bodies as agent_bodies
+from edge_agent.serving import chat as agent_chat
 from edge_agent.serving import protocol as agent_protocol
 from edge_agent.settings import AgentSettings
 from manifests.local_status import agent_rows
@@ -127,3 +129,8 @@ def test_agent_and_router_share_body_limits():
     for name in ("DEFAULT_MAX_BODY_BYTES", "DEFAULT_READ_TIMEOUT_S", "DEFAULT_HEAD_TIMEOUT_S"):
         assert getattr(agent_limits, name) == getattr(router_limits, name), name
     assert agent_bodies.MAX_JSON_DEPTH == router_limits.MAX_JSON_DEPTH
+
+
+def test_the_router_resumes_streams_with_the_header_the_agent_reads():
+    assert router_resume.RESUME_HEADER == agent_chat.RESUME_HEADER
+    assert router_resume.CHAT_PATH == agent_chat.CHAT

@@ -16,7 +16,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge_agent.serving.api import OpenAIServing
+from edge_agent.serving.api import RESUME_HEADER, OpenAIServing
 from edge_agent.serving.generation import ChunkStream
 from edge_agent.serving.bodies import decode_json
 from edge_agent.serving.protocol import ErrorResult, error
@@ -80,17 +80,18 @@ def _respond(result) -> Response:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _serve(request: Request, method: str) -> Response:
+async def _serve(request: Request, method: str, **options) -> Response:
     """Parse the JSON body and hand it to ``serving.<method>``; map the result to HTTP."""
     body = await _body(request)
     if isinstance(body, ErrorResult):
         return _error_response(body)
-    return _respond(await getattr(_serving(request), method)(body))
+    return _respond(await getattr(_serving(request), method)(body, **options))
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    return await _serve(request, "create_chat_completion")
+    return await _serve(request, "create_chat_completion",
+                        resume=request.headers.get(RESUME_HEADER) == "1")
 
 
 @router.post("/v1/completions")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from edge_agent.metrics import AgentMetrics
-from edge_agent.serving.chat import CHAT, ChatServing
+from edge_agent.serving.chat import CHAT, RESUME_HEADER, ChatServing
 from edge_agent.serving.completion import COMPLETIONS, CompletionServing
 from edge_agent.serving.embedding import EMBEDDINGS, EmbeddingServing
 from edge_agent.serving.generation import Result
@@ -20,6 +20,9 @@ from edge_agent.serving.lifecycle import ModelHost
 from edge_agent.serving.models import ModelsServing
 from edge_agent.serving.protocol import ErrorResult
 from edge_agent.settings import AgentSettings
+
+
+__all__ = ["RESUME_HEADER", "OpenAIServing"]
 
 
 class OpenAIServing:
@@ -32,8 +35,10 @@ class OpenAIServing:
         self.embedding = EmbeddingServing(settings, host, metrics)
         self.models = ModelsServing(host)
 
-    async def create_chat_completion(self, body: Any, *, source: str = "rest") -> Result:
-        return self._count(CHAT, await self.chat.create_chat_completion(body, source=source))
+    async def create_chat_completion(self, body: Any, *, source: str = "rest",
+                                     resume: bool = False) -> Result:
+        return self._count(CHAT, await self.chat.create_chat_completion(body, source=source,
+                                                                        resume=resume))
 
     async def create_completion(self, body: Any, *, source: str = "rest") -> Result:
         return self._count(COMPLETIONS, await self.completion.create_completion(body, source=source))

@@ -156,10 +156,11 @@ class RequestMeta:
     started: float
     chat: bool
     logprobs: bool = False
+    continued: int = 0   # tokens generated earlier, elsewhere (a resumed stream)
 
     def usage(self, outcomes: list[Outcome]) -> UsageInfo:
         """The prompt counts once, as OpenAI counts it; generated tokens of every choice."""
-        completion = sum(o.completion_tokens for o in outcomes)
+        completion = self.continued + sum(o.completion_tokens for o in outcomes)
         return UsageInfo(
             prompt_tokens=self.prompt_tokens, completion_tokens=completion,
             total_tokens=self.prompt_tokens + completion,

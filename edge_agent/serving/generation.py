@@ -113,9 +113,11 @@ class GenerationServing:
         return req, model, plan
 
     async def _run(self, req, model: LoadedModel, prompt_ids: list[int], started: float,
-                   source: str, plan: OutputPlan) -> Result:
+                   source: str, plan: OutputPlan, continued: int = 0) -> Result:
+        """``continued``: how many of the prompt's last tokens this generation made earlier,
+        elsewhere (a resumed stream): counted as generated, in the budget and the usage."""
         n_prompt = len(prompt_ids)
-        limits = self._limits(req, model, n_prompt)
+        limits = self._limits(req, model, n_prompt, continued)
         if isinstance(limits, ErrorResult):
             return limits
         n, top = req.n or 1, req.top_logprob_count()
@@ -137,8 +139,8 @@ class GenerationServing:
                    for i in range(n)]
         self.metrics.prompt_tokens.inc(n_prompt)
         meta = RequestMeta(self.endpoint, ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex,
-                           int(time.time()), model.bundle.name, n_prompt, started, self.chat,
-                           logprobs=top is not None)
+                           int(time.time()), model.bundle.name, n_prompt - continued, started,
+                           self.chat, logprobs=top is not None, continued=continued)
         choices = [_Choice(ChoiceOutput(i, ToolCallParser(plan.tool_mode) if plan.tool_mode
                                         else None, vocab),
                            _generate(self.metrics, model, handle, started))
@@ -150,9 +152,19 @@ class GenerationServing:
             return ChunkStream(_stream_chunks(self.metrics, meta, choices, include_usage), handles)
         return await _collect(self.metrics, meta, choices)
 
-    def _limits(self, req, model: LoadedModel, n_prompt: int) -> int | ErrorResult:
-        """The request's max_tokens, or the 400 when the prompt or max_tokens do not fit."""
+    def _limits(self, req, model: LoadedModel, n_prompt: int,
+                continued: int = 0) -> int | ErrorResult:
+        """How many tokens to generate: the request's max_tokens less what it ``continued``,
+        or the 400 when the prompt or max_tokens do not fit."""
         context = model.engine.context_length
+        if continued:   # the budget of the generation being resumed, less what it made
+            whole = self._limits(req, model, n_prompt - continued)
+            if isinstance(whole, ErrorResult):
+                return whole
+            if whole <= continued:
+                return error(400, f"the resumed message already holds {continued} tokens, all "
+                             f"the {whole} this request may generate", param="max_tokens")
+            return whole - continued
         if n_prompt == 0:
             return error(400, "the prompt is empty", param="prompt")
         if n_prompt >= context:

@@ -12,21 +12,26 @@ from dataclasses import dataclass, field
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cloud_router.app import build_app
 from cloud_router.endpoints import Endpoint
+from cloud_router.server import uvicorn_config
 from cloud_router.settings import RouterSettings
 from tests.support.procs import free_port, wait_http
+
+
+def quiet_config(app, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
 
 
 class ServerThread:
     """A uvicorn server for ``app`` on 127.0.0.1:<free port>, in a daemon thread."""
 
-    def __init__(self, app, port: int | None = None):
+    def __init__(self, app, port: int | None = None, config=quiet_config):
+        """``config(app, host, port)``: how to serve it (the router: as `edgegen router`)."""
         self.port = port or free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                   log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(config(app, "127.0.0.1", self.port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -46,7 +51,9 @@ class ServerThread:
 
 @dataclass
 class Upstream:
-    """A fake agent. ``mode``: ok | 500 | 429 | break (stream breaks after 2 events)."""
+    """A fake agent. ``mode``: ok | 500 | 429 | break (stream breaks after 2 events) | other
+    (streams other words: a replay that cannot join) | garbage (200, an HTML page) | cut (200,
+    JSON cut short)."""
 
     node: str
     tier: str = "edge"
@@ -56,6 +63,7 @@ class Upstream:
     max_concurrency: int = 0
     hits: int = 0
     streams: dict = field(default_factory=dict)   # request id -> "completed" | "cancelled"
+    resumed: list = field(default_factory=list)   # the text each continuation was asked for
     server: ServerThread | None = None
 
     @property
@@ -81,6 +89,10 @@ class Upstream:
                 return JSONResponse({"error": {"message": "busy", "type": "rate_limit",
                                                "param": None, "code": None}}, 429,
                                     {**headers, "retry-after": "1"})
+            if self.mode == "garbage":
+                return Response(b"<html>proxy error</html>", 200, media_type="text/html")
+            if self.mode == "cut":
+                return Response(b'{"id": "c1", "choices": [', 200, media_type="application/json")
             if body.get("model") != self.model:
                 return JSONResponse({"error": {"message": "unknown model", "type":
                                                "invalid_request_error", "param": "model",
@@ -95,24 +107,42 @@ class Upstream:
             delay = float(body.get("delay", 0.0))
             rid = body.get("user") or f"r{self.hits}"
             mode = self.mode
+            # The router continuing a stream that broke elsewhere: the final assistant message
+            # holds the words sent so far; go on from there, in a stream of its own id that
+            # opens with a role chunk, as the agent does.
+            first, sid = 0, rid
+            if request.headers.get("x-edgegen-resume") == "1" \
+                    and body.get("continue_final_message"):
+                first, sid = len(body["messages"][-1]["content"].split()), f"{rid}@{self.node}"
+                self.resumed.append(body["messages"][-1]["content"])
+
+            def chunk(delta: dict, finish: str | None = None) -> str:
+                return "data: " + json.dumps({
+                    "id": sid, "created": 1000 + self.hits, "object": "chat.completion.chunk",
+                    "model": self.model, "choices": [{"index": 0, "delta": delta,
+                                                      "finish_reason": finish}]}) + "\n\n"
 
             async def events():
                 self.streams[rid] = "started"
                 try:
-                    for i in range(n):
+                    if first:
+                        yield chunk({"role": "assistant", "content": ""})
+                    for i in range(first, n):
                         if mode == "break" and i == 2:
                             raise RuntimeError("the agent died mid-stream")
-                        chunk = {"id": rid, "object": "chat.completion.chunk", "model":
-                                 self.model, "choices": [{"index": 0, "delta": {
-                                     "content": f"t{i} "}, "finish_reason": None}]}
-                        yield f"data: {json.dumps(chunk)}\n\n"
+                        yield chunk({"content": f"{'u' if mode == 'other' else 't'}{i} "})
                         if await request.is_disconnected():
                             self.streams[rid] = "cancelled"
                             return
                         await asyncio.sleep(delay)
-                    done = {"id": rid, "object": "chat.completion.chunk", "model": self.model,
-                            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-                    yield f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n"
+                    yield chunk({}, "stop")
+                    if (body.get("stream_options") or {}).get("include_usage"):
+                        yield "data: " + json.dumps({
+                            "id": sid, "created": 1000 + self.hits, "choices": [],
+                            "object": "chat.completion.chunk", "model": self.model,
+                            "usage": {"prompt_tokens": 3, "completion_tokens": n,
+                                      "total_tokens": 3 + n}}) + "\n\n"
+                    yield "data: [DONE]\n\n"
                     self.streams[rid] = "completed"
                 except asyncio.CancelledError:
                     self.streams[rid] = "cancelled"
@@ -145,6 +175,7 @@ def fleet(upstreams):
     for u in upstreams.values():
         u.mode, u.hits = "ok", 0
         u.streams.clear()
+        u.resumed.clear()
     return [u.endpoint for u in upstreams.values()]
 
 
@@ -169,7 +200,7 @@ def start_router(fleet: list[Endpoint], **settings) -> ServerThread:
     """The router over ``fleet`` (copied); change what it sees with ``router.source.set``."""
     source = EndpointList(fleet)
     app = build_app(RouterSettings(**settings), [source])
-    router = ServerThread(app)
+    router = ServerThread(app, config=uvicorn_config)
     wait_http(router.url + "/healthz")
     router.app, router.source = app, source
     return router

@@ -1,5 +1,5 @@
-"""Forwarding: the forwarder's outcomes over a mock transport, then the router (uvicorn) over
-real sockets in front of small FastAPI upstreams."""
+"""Forwarding: the forwarder's outcomes against small aiohttp upstreams, then the router
+(served as `edgegen router` serves it) over real sockets in front of small FastAPI upstreams."""
 
 import asyncio
 import json
@@ -7,6 +7,8 @@ import random
 import time
 
 import httpx
+import pytest
+from aiohttp import web
 
 from cloud_router.endpoints import Endpoint
 from cloud_router.forwarding import ForwardConfig, Forwarded, Forwarder, Refused
@@ -39,34 +41,45 @@ def metric(router, name: str) -> float:
                if line.startswith(name))
 
 
-def mock_edge(node: str) -> Endpoint:
-    return Endpoint(id=f"edgegen-edge-{node}-8000", service="edgegen-edge", node=node,
-                    address=f"{node}.test", port=8000, model="tiny")
+def forward_with(answers: dict, consume=None):
+    """Runs one ``forward`` against a real upstream per entry of ``answers``, node -> its
+    answer to every request, ``(status, body, headers)``, or None for a port that refuses
+    connections: (outcome, metrics, what ``consume(outcome)`` returned, the requests seen)."""
+    seen: list = []
 
-
-def forward_with(handler, endpoints, consume=None):
-    """Runs one ``forward`` over ``httpx.MockTransport(handler)``: (outcome, metrics, what
-    ``consume(outcome)`` returned)."""
     async def scenario():
+        runners, endpoints = [], []
+        for node, answer in answers.items():
+            port = free_port()
+            if answer is not None:
+                async def handle(request, answer=answer):
+                    seen.append(request)
+                    status, body, headers = answer
+                    return web.Response(status=status, body=body, headers=headers)
+
+                app = web.Application()
+                app.router.add_post("/v1/chat/completions", handle)
+                runner = web.AppRunner(app)
+                await runner.setup()
+                await web.TCPSite(runner, "127.0.0.1", port).start()
+                runners.append(runner)
+            endpoints.append(Endpoint(id=f"edgegen-edge-{node}-{port}", service="edgegen-edge",
+                                      node=node, address="127.0.0.1", port=port, model="tiny"))
         table = EndpointTable([EndpointList(endpoints)], rng=random.Random(0))
         metrics = RouterMetrics(table.rows)
-        forwarder = Forwarder(table, metrics, ForwardConfig(),
-                              transport=httpx.MockTransport(handler))
+        forwarder = Forwarder(table, metrics, ForwardConfig())
         try:
             outcome = await forwarder.forward(
                 "/v1/chat/completions", b'{"model": "tiny"}',
                 {"content-type": "application/json", "authorization": "Bearer sk"},
                 RequestHints(model="tiny"))
-            return outcome, metrics, consume and await consume(outcome)
+            return outcome, metrics, consume and await consume(outcome), seen
         finally:
             await forwarder.aclose()
+            for runner in runners:
+                await runner.cleanup()
 
     return asyncio.run(scenario())
-
-
-def reply(status: int, body: bytes, headers: dict | None = None) -> httpx.Response:
-    """An upstream answer still to be read, as the real transport gives it."""
-    return httpx.Response(status, headers=headers, stream=httpx.ByteStream(body))
 
 
 def count(metrics: RouterMetrics, tier: str, outcome: str) -> float:
@@ -75,15 +88,9 @@ def count(metrics: RouterMetrics, tier: str, outcome: str) -> float:
 
 
 def test_the_forwarder_returns_outcomes_not_http_responses():
-    seen = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        if request.url.host == "a.test":
-            return reply(503, b'{"error": "busy"}')
-        return reply(200, b'{"ok": true}', {"x-upstream": "1"})
-
-    outcome, metrics, _ = forward_with(handler, [mock_edge("a"), mock_edge("b")])
+    busy = (503, b'{"error": "busy"}', {})
+    fine = (200, b'{"ok": true}', {"x-upstream": "1", "content-type": "application/json"})
+    outcome, metrics, _, seen = forward_with({"a": busy, "b": fine})
     assert isinstance(outcome, Forwarded) and outcome.stream is None
     assert (outcome.endpoint.node, outcome.status) == ("b", 200)
     assert json.loads(outcome.body) == {"ok": True} and outcome.headers["x-upstream"] == "1"
@@ -91,40 +98,32 @@ def test_the_forwarder_returns_outcomes_not_http_responses():
     assert "authorization" not in seen[0].headers   # only the listed headers go upstream
     assert count(metrics, "edge", "ok") == 1
 
-    outcome, metrics, _ = forward_with(handler, [])
+    outcome, metrics, _, _ = forward_with({})
     assert outcome == Refused("no healthy endpoint serves model 'tiny' right now", 2)
     assert count(metrics, "none", "no_endpoint") == 1
 
-    def down(request):
-        raise httpx.ConnectError("refused", request=request)
-
-    outcome, metrics, _ = forward_with(down, [mock_edge("a"), mock_edge("b")])
+    outcome, metrics, _, _ = forward_with({"a": None, "b": None})
     assert isinstance(outcome, Refused) and outcome.retry_after_s == 2
     assert outcome.message.startswith("every endpoint tried failed; last: ")
     assert count(metrics, "edge", "upstream_error") == 1
 
 
 def test_the_last_upstream_error_is_forwarded_when_every_try_fails():
-    def handler(request):
-        return reply(500, request.url.host.encode())
-
-    outcome, metrics, _ = forward_with(handler, [mock_edge("a"), mock_edge("b")])
+    outcome, metrics, _, _ = forward_with({"a": (500, b"a", {}), "b": (500, b"b", {})})
     assert isinstance(outcome, Forwarded) and outcome.status == 500
-    assert outcome.body == outcome.endpoint.address.encode()
+    assert outcome.body == outcome.endpoint.node.encode()
     assert count(metrics, "edge", "upstream_error") == 1
 
 
 def test_a_forwarded_stream_yields_whole_events_and_counts_when_closed():
-    def handler(request):
-        return reply(200, b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n",
-                     {"content-type": "text/event-stream"})
+    sse = (200, b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n", {"content-type": "text/event-stream"})
 
     async def consume(outcome):
         events = [e async for e in outcome.stream.events()]
         await outcome.stream.close(delivered=True)
         return events
 
-    outcome, metrics, events = forward_with(handler, [mock_edge("a")], consume)
+    outcome, metrics, events, _ = forward_with({"a": sse}, consume)
     assert outcome.status == 200 and outcome.body == b""
     assert b"".join(events) == b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n"
     assert count(metrics, "edge", "ok") == 1
@@ -153,7 +152,7 @@ def test_5xx_and_429_are_retried_on_another_endpoint(router, upstreams):
     assert metric(router, "edgegen_router_retries_total") == 2
 
 
-def test_connect_errors_are_retried_and_repeated_failures_eject(fleet, upstreams):
+def test_a_refused_connection_is_retried_and_ejects_at_once(fleet, upstreams):
     dead = dead_endpoint()
     fleet[:] = [dead, upstreams["us"].endpoint]
     router = start_router(fleet)
@@ -163,17 +162,26 @@ def test_connect_errors_are_retried_and_repeated_failures_eject(fleet, upstreams
             assert r.status_code == 200 and r.headers["x-edgegen-node"] == "us-1"
         rows = {row["node"]: row for row in
                 httpx.get(router.url + "/edgegen/v1/endpoints").json()["endpoints"]}
+        # one refused connection was enough: the two requests after it never tried it
         assert rows["dead"]["state"] == "ejected" and rows["dead"]["ejections"] == 1
-        assert rows["dead"]["consecutive_failures"] == 3
+        assert rows["dead"]["consecutive_failures"] == 1 and rows["dead"]["requests"] == 1
         explain = httpx.get(router.url + "/edgegen/v1/route",
                             params={"model": "tiny", "region": "eu-west"}).json()
         assert explain["endpoint"]["node"] == "us-1" and explain["skipped"] == {dead.id: "ejected"}
-        hits = upstreams["us"].hits
-        post(router)  # ejected: not even tried, so no retry is spent
-        assert upstreams["us"].hits == hits + 1
-        assert metric(router, "edgegen_router_retries_total") == 3
+        assert metric(router, "edgegen_router_retries_total") == 1
     finally:
         router.stop()
+
+
+def test_an_answer_that_is_not_json_is_no_success_and_is_retried(router, upstreams):
+    upstreams["eu"].mode, upstreams["eu2"].mode = "garbage", "cut"
+    r = post(router)
+    assert r.status_code == 200 and r.headers["x-edgegen-node"] == "us-1"
+    assert r.json()["node"] == "us-1"
+    assert metric(router, "edgegen_router_upstream_invalid_answers_total") == 2
+    upstreams["us"].mode = upstreams["central"].mode = "garbage"
+    r = post(router)   # nothing but garbage: the client gets the router's 503, not garbage
+    assert r.status_code == 503 and "not a JSON object" in r.json()["error"]["message"]
 
 
 def test_when_every_attempt_fails_the_upstream_answer_is_passed_on(router, upstreams):
@@ -235,18 +243,95 @@ def test_sse_passes_through_event_by_event(router, upstreams):
     assert upstream.streams["sse-1"] == "completed"
 
 
-def test_a_stream_broken_after_the_first_byte_ends_with_an_openai_error_event(router, upstreams):
-    upstreams["eu"].mode = upstreams["eu2"].mode = "break"
-    body = {**CHAT, "stream": True, "max_tokens": 6}
-    with httpx.stream("POST", router.url + "/v1/chat/completions", json=body, headers=EU,
+def stream_events(router, body, headers=EU) -> tuple[list[str], dict]:
+    with httpx.stream("POST", router.url + "/v1/chat/completions", json=body, headers=headers,
                       timeout=30) as r:
         assert r.status_code == 200
-        events = [line for line in r.iter_lines() if line]
+        return [line for line in r.iter_lines() if line], dict(r.headers)
+
+
+def chunks_of(events: list[str]) -> list[dict]:
+    return [json.loads(e[len("data: "):]) for e in events if e != "data: [DONE]"]
+
+
+def test_a_stream_that_breaks_where_nothing_can_continue_it_ends_with_an_error_event(
+        router, upstreams):
+    for u in upstreams.values():
+        u.mode = "break"
+    events, _ = stream_events(router, {**CHAT, "stream": True, "max_tokens": 6})
     assert len(events) == 3 and "[DONE]" not in events[-1]
     err = json.loads(events[-1][len("data: "):])["error"]
     assert err["type"] == "server_error" and err["code"] == "upstream_stream_broken"
     assert "broke" in err["message"]
     assert metric(router, 'edgegen_router_requests_total{outcome="stream_broken"') == 1
+    # two continuations were tried (the migration limit), each broke before its first byte
+    assert sum(len(u.resumed) for u in upstreams.values()) == 2
+
+
+def test_a_stream_cut_by_its_edge_goes_on_elsewhere_as_one_stream(router, upstreams):
+    upstreams["eu"].mode = upstreams["eu2"].mode = "break"
+    body = {**CHAT, "stream": True, "max_tokens": 6, "user": "cut",
+            "stream_options": {"include_usage": True}}
+    events, headers = stream_events(router, body)
+    chunks = chunks_of(events)
+    # every word once, in order; one id and one creation time; no error; one role at most
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                   if c["choices"]) == "t0 t1 t2 t3 t4 t5 "
+    assert {c["id"] for c in chunks} == {"cut"} and len({c["created"] for c in chunks}) == 1
+    assert events[-1] == "data: [DONE]" and not any("error" in c for c in chunks)
+    assert chunks[-1]["usage"]["completion_tokens"] == 6   # the whole generation's
+    # the first continuation (the other eu edge) broke too; us-1 finished it
+    assert upstreams["eu2"].resumed == ["t0 t1 "] or upstreams["eu"].resumed == ["t0 t1 "]
+    assert upstreams["us"].resumed == ["t0 t1 "]
+    assert metric(router, "edgegen_router_streams_resumed_total") == 2
+    assert metric(router, 'edgegen_router_requests_total{outcome="stream_broken"') == 0
+    assert metric(router, 'edgegen_router_requests_total{outcome="ok"') == 1
+    # where it started was ejected by its one broken stream, at once (the other eu edge
+    # stays: a third edge out would leave the tier less than half)
+    rows = {row["node"]: row for row in
+            httpx.get(router.url + "/edgegen/v1/endpoints").json()["endpoints"]}
+    first = headers["x-edgegen-node"]
+    assert first in {"eu-1", "eu-2"} and rows[first]["state"] == "ejected"
+    assert rows[first]["consecutive_failures"] == 1
+
+
+def test_a_greedy_stream_cut_by_its_edge_is_replayed_elsewhere_and_joined_exactly(
+        router, upstreams):
+    upstreams["eu"].mode = upstreams["eu2"].mode = "break"
+    body = {**CHAT, "stream": True, "max_tokens": 6, "temperature": 0, "user": "greedy"}
+    events, _ = stream_events(router, body)
+    chunks = chunks_of(events)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) \
+        == "t0 t1 t2 t3 t4 t5 "
+    assert {c["id"] for c in chunks} == {"greedy"} and events[-1] == "data: [DONE]"
+    # replays, not continuations: each next edge was asked the request again
+    assert not any(u.resumed for u in upstreams.values())
+    assert upstreams["us"].streams["greedy"] == "completed"
+    assert metric(router, "edgegen_router_streams_resumed_total") == 2
+
+
+def test_a_replay_that_writes_other_text_ends_the_stream_with_an_error(router, upstreams):
+    upstreams["eu"].mode = upstreams["eu2"].mode = "break"
+    upstreams["us"].mode = "other"
+    body = {**CHAT, "stream": True, "max_tokens": 6, "temperature": 0}
+    events, _ = stream_events(router, body)
+    text = "".join(c["choices"][0]["delta"].get("content") or ""
+                   for c in chunks_of(events) if "choices" in c)
+    assert text == "t0 t1 "   # nothing of the other text reached the client
+    assert "could not be resumed exactly" in events[-1]
+    assert metric(router, 'edgegen_router_requests_total{outcome="stream_broken"') == 1
+
+
+@pytest.mark.parametrize("extra", [
+    {"n": 2},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+    {"response_format": {"type": "json_object"}},
+])
+def test_streams_whose_state_cannot_move_are_not_resumed(router, upstreams, extra):
+    upstreams["eu"].mode = upstreams["eu2"].mode = "break"
+    events, _ = stream_events(router, {**CHAT, "stream": True, "max_tokens": 6, **extra})
+    assert "upstream_stream_broken" in events[-1]
+    assert not any(u.resumed for u in upstreams.values())
 
 
 def test_client_disconnect_cancels_the_upstream_stream(router, upstreams):

@@ -175,6 +175,29 @@ def test_ejections_never_exceed_the_configured_share_of_the_tier():
     assert single.failed(CENTRAL.id, 0, [CENTRAL.id])  # at least one may always be ejected
 
 
+@pytest.mark.parametrize("failures, ejected", [
+    # (hard?, when) of each failure in a row -> ejected after the last one
+    ([(True, 0)], True),                        # a refused connection: gone, one is enough
+    ([(False, 0)], False),                      # a timeout, a 5xx: one proves nothing
+    ([(False, 0), (False, 1), (False, 2)], True),   # ... three in a row do
+    ([(False, 0), (True, 1)], True),
+])
+def test_one_hard_failure_ejects_where_soft_ones_need_a_run(failures, ejected):
+    book = StatsBook(EjectionConfig(consecutive_failures=3, max_ejection_share=0.5))
+    tier = [PARIS.id, LONDON.id]
+    results = [book.failed(PARIS.id, now, tier, hard=hard) for hard, now in failures]
+    assert results[-1] is ejected and not any(results[:-1])
+    assert (book.snapshot()[PARIS.id].state(failures[-1][1]) == "ejected") is ejected
+
+
+def test_a_hard_failure_still_leaves_the_tier_its_share():
+    book = StatsBook(EjectionConfig(consecutive_failures=3, max_ejection_share=0.5))
+    tier = [PARIS.id, LONDON.id]
+    assert book.failed(PARIS.id, 0, tier, hard=True)
+    assert not book.failed(LONDON.id, 0, tier, hard=True)   # half the tier is out already
+    assert book.snapshot()[LONDON.id].state(0) == "healthy"
+
+
 def test_a_stats_snapshot_is_an_immutable_copy():
     book = StatsBook(EjectionConfig(consecutive_failures=1))
     book.started("a")

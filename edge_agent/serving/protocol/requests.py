@@ -179,10 +179,19 @@ class ChatCompletionRequest(_Request):
     tools: list[ToolDefinition] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's: continue the final (assistant) message instead of opening a new one; the
+    # generation prompt is then off unless asked for, and asking for both is a 400.
+    continue_final_message: StrictBool = False
+    add_generation_prompt: StrictBool | None = None
 
     def top_logprob_count(self) -> int | None:
         """None without logprobs, else how many alternatives each token lists."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def generation_prompt(self) -> bool:
+        if self.add_generation_prompt is None:
+            return not self.continue_final_message
+        return self.add_generation_prompt
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
