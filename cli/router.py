@@ -34,6 +34,11 @@ def router(
     near: str = typer.Option(None, "--near", help="Consul node to sort endpoints by RTT from."),
     nearest_few: int = typer.Option(2, "--nearest-few", min=1,
                                     help="How many near endpoints to balance load among."),
+    placement: str = typer.Option(
+        "cache", "--placement",
+        help="cache: among the nearest endpoints, weigh each one's reported queue and the "
+             "prompt prefix it last served (README: Discovery and routing); nearest: nearness "
+             "and in-flight requests only."),
     max_attempts: int = typer.Option(3, "--max-attempts", min=1,
                                      help="Tries per request, each on another endpoint."),
     retry_budget: float = typer.Option(0.2, "--retry-budget", min=0.0, max=1.0,
@@ -65,15 +70,18 @@ def router(
     from cloud_router.credentials import fleet_key as read_fleet_key
     from cloud_router.forwarding import ForwardConfig
     from cloud_router.identity import IdentityConfig
-    from cloud_router.policy import PolicyConfig
+    from cloud_router.policy import PLACEMENTS, PolicyConfig
     from cloud_router.server import serve
     from cloud_router.settings import RouterSettings
     from cloud_router.stats import EjectionConfig
 
+    if placement not in PLACEMENTS:
+        raise typer.BadParameter(f"must be one of {', '.join(PLACEMENTS)}",
+                                 param_hint="--placement")
     serve(RouterSettings(
         consul=consul, host=host, port=port, region=region, near=near,
         api_keys=load_api_keys(api_keys) if api_keys else frozenset(),
-        policy=PolicyConfig(nearest_few=nearest_few),
+        policy=PolicyConfig(nearest_few=nearest_few, placement=placement),
         ejection=EjectionConfig(max_ejection_share=max_ejection_share),
         forward=ForwardConfig(max_attempts=max_attempts), retry_budget_ratio=retry_budget,
         consul_token=read_token(consul_token, consul_token_file),

@@ -13,9 +13,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cloud_router.affinity import prefix_keys
 from cloud_router.auth import bearer_key_ok
 from cloud_router.forwarding import Forwarder
-from cloud_router.limits import BodyLimit
+from cloud_router.limits import BadBody, BodyLimit, decode_json
 from cloud_router.metrics import RouterMetrics
 from cloud_router.openapi import openapi_schema
 from cloud_router.protocol import error_body, model_card, model_list
@@ -111,16 +112,12 @@ def build_app(settings: RouterSettings, sources: Sequence[EndpointSource], *,
     async def endpoints() -> dict:
         return {"endpoints": table.rows()}
 
-    @app.get("/edgegen/v1/route", dependencies=[Depends(require_key)])
-    async def route(model: str, region: str | None = None, zone: str | None = None,
-                    location: str | None = None) -> dict:
-        """Which endpoint a request with these hints would go to now, and why."""
-        known_model(model)
-        hints = hints_for(settings, model, region, zone, location)
+    def explain(model: str, hints) -> dict:
         d = table.choose(hints)
         return {
             "model": model,
-            "hints": {"region": hints.region, "zone": hints.zone, "location": hints.location},
+            "hints": {"region": hints.region, "zone": hints.zone, "location": hints.location,
+                      "prompt_prefixes": len(hints.prefix)},
             "endpoint": None if d.endpoint is None else {
                 "id": d.endpoint.id, "node": d.endpoint.node, "tier": d.endpoint.tier,
                 "url": d.endpoint.url, "region": d.endpoint.region},
@@ -129,6 +126,32 @@ def build_app(settings: RouterSettings, sources: Sequence[EndpointSource], *,
             "candidates": [vars(r) for r in d.candidates],
             "skipped": d.skipped,
         }
+
+    @app.get("/edgegen/v1/route", dependencies=[Depends(require_key)])
+    async def route(model: str, region: str | None = None, zone: str | None = None,
+                    location: str | None = None) -> dict:
+        """Which endpoint a request with these hints would go to now, and why."""
+        known_model(model)
+        return explain(model, hints_for(settings, model, region, zone, location))
+
+    @app.post("/edgegen/v1/route", dependencies=[Depends(require_key)])
+    async def route_request(request: Request) -> dict:
+        """Where this request (the body a client would POST, hints in its headers) would go
+        now, and why: its prompt's cached prefixes and the endpoints' queues included."""
+        try:
+            payload = decode_json(await request.body())
+        except BadBody as exc:
+            raise ClientError(400, str(exc), exc.code, exc.param) from None
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if not isinstance(model, str) or not model:
+            raise ClientError(400, "the request body must be a JSON object with a 'model' "
+                              "string", "missing_model", "model")
+        known_model(model)
+        path = "/v1/chat/completions" if "messages" in payload else "/v1/completions"
+        h = request.headers
+        return explain(model, hints_for(settings, model, h.get("x-edgegen-region"),
+                                        h.get("x-edgegen-zone"), h.get("x-edgegen-location"),
+                                        prefix_keys(path, payload)))
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -41,6 +41,7 @@ from typing import Any, Mapping
 
 import aiohttp
 
+from cloud_router.affinity import LOAD_FORMAT_HEADER, LOAD_HEADER, parse_load_report
 from cloud_router.endpoints import Endpoint
 from cloud_router.metrics import RouterMetrics
 from cloud_router.policy import Decision, RequestHints
@@ -160,6 +161,8 @@ class Forwarder:
                 if result.stream is None:   # a stream is counted when it ends
                     self.metrics.requests.labels(
                         result.endpoint.tier, "ok" if result.status < 400 else "client_error").inc()
+                if result.status < 400 and hints.prefix:   # it now holds this prompt
+                    table.affinity.record(hints.prefix, result.endpoint.id)
                 return result
             last = result
             log.info("upstream attempt failed", extra={
@@ -212,6 +215,7 @@ class Forwarder:
         start = clock()
         out_headers = {k: v for k, v in headers.items()
                        if k in FORWARDED_REQUEST_HEADERS or k == RESUME_HEADER}
+        out_headers[LOAD_FORMAT_HEADER] = "TEXT"   # the agent says how busy it is
         handed_over = False
         try:
             try:
@@ -224,6 +228,7 @@ class Forwarder:
             ttfb_ms = (clock() - start) * 1000
             status = upstream.status
             reply_headers = {k.lower(): v for k, v in upstream.headers.items()}
+            self._load_report(ep, reply_headers.pop(LOAD_HEADER, None))
             is_sse = reply_headers.get("content-type", "").startswith("text/event-stream")
             if status >= 500 or status == 429 or not is_sse:
                 try:
@@ -263,8 +268,22 @@ class Forwarder:
             if not handed_over:
                 stats.finished(ep.id)
 
+    def _load_report(self, ep: Endpoint, header: str | None) -> None:
+        if header is None:
+            return
+        try:
+            r = parse_load_report(header)
+        except ValueError as exc:   # a report that cannot be true steers nothing
+            self.metrics.invalid_load_reports.inc()
+            log.info("load report refused", extra={"endpoint": ep.id, "why": str(exc)})
+            return
+        self.table.stats.reported(ep.id, r.waiting, r.running, r.cache_usage,
+                                  self.table.clock())
+
     def _failed(self, ep: Endpoint, start: float, why: str, hard: bool = False) -> _Failure:
         self._observe(ep, start)
+        if hard:   # its process is gone, and its cache with it
+            self.table.affinity.forget(ep.id)
         if self.table.stats.failed(ep.id, self.table.clock(), self.table.tier_ids(ep.tier),
                                    hard=hard):
             log.warning("endpoint ejected", extra={"endpoint": ep.id, "why": why})
@@ -278,6 +297,7 @@ class Forwarder:
         log.warning("upstream stream broke", extra={"endpoint": ep.id, "error": repr(exc)})
         self.table.stats.failed(ep.id, self.table.clock(), self.table.tier_ids(ep.tier),
                                 hard=True)
+        self.table.affinity.forget(ep.id)
 
     def _stream_lost(self, ep: Endpoint) -> None:
         """A stream that cannot go on: counted at once, before the client sees the error

@@ -48,6 +48,9 @@ class RouterMetrics:
             "edgegen_router_upstream_invalid_answers", "Upstream answers below 500 that were "
             "not a JSON object (or a stream): retried elsewhere, never passed on.",
             registry=self.registry)
+        self.invalid_load_reports = Counter(
+            "edgegen_router_invalid_load_reports", "Load reports (ORCA endpoint-load-metrics) "
+            "refused as malformed or impossible.", registry=self.registry)
         self.resumed = Counter("edgegen_router_streams_resumed", "Streams continued on "
                                "another endpoint after theirs broke.", registry=self.registry)
         self.fallbacks = Counter("edgegen_router_fallbacks", "Requests sent to the central tier "

@@ -14,6 +14,11 @@ clock, so every rule below has a table-driven test.
    gets measured).
 3. Load: the "nearest few" are the best-ranked endpoints whose evidence is within a slack of
    the best one (at most ``nearest_few``); among them, power of two choices on in-flight.
+   With ``placement="cache"`` and evidence of queues or cached prefixes in the nearest class,
+   the trade is explicit, in milliseconds: score = distance beyond the nearest (evidence in
+   ms; 1 ms per 100 km) + ``queue_ms`` per request the endpoint reported queued - the prefill
+   it saves (``prefill_ms_per_char`` per character of the longest prompt prefix last sent to
+   it, capped); the nearest few are then those within ``slack_ms`` of the best score.
 4. Fallback: no edge candidate → the central tier, chosen the same way. When every live
    endpoint is only full (saturation), the nearest full edge (else central) still gets the
    request: agents queue and answer 429 themselves. Nothing live → no endpoint.
@@ -39,6 +44,10 @@ class RequestHints:
     region: str = ""
     zone: str = ""
     location: tuple[float, float] | None = None
+    prefix: tuple[tuple[bytes, int], ...] = ()   # affinity.prefix_keys of its prompt
+
+
+PLACEMENTS = ("cache", "nearest")
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,11 @@ class PolicyConfig:
     slack_ratio: float = 0.25     # "as near as the best": within 25% ...
     slack_km: float = 100.0       # ... or 100 km of the best by location
     slack_ms: float = 5.0         # ... or 5 ms of the best by RTT / EWMA
+    placement: str = "cache"      # cache: weigh queues and cached prefixes too | nearest
+    queue_ms: float = 200.0       # what one request queued ahead costs a new one
+    prefill_ms_per_char: float = 0.1    # reading a prompt again: ~0.4 ms a token on edge CPUs
+    max_cache_credit_ms: float = 2000.0
+    report_ttl_s: float = 10.0    # a load report older than this says nothing
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,9 @@ class Ranked:
     value: float | str   # the evidence's value: km, ms, region name
     inflight: int
     state: str
+    queued: int = 0                 # requests the endpoint reported queued (fresh reports)
+    cached_chars: int = 0           # the longest prompt prefix last sent to it
+    score_ms: float | None = None   # the placement score, when queues or caches counted
 
 
 @dataclass(frozen=True)
@@ -83,24 +100,41 @@ def choose_endpoint(
     now: float,
     config: PolicyConfig = PolicyConfig(),
     exclude: frozenset[str] | set[str] = frozenset(),
+    affinity: Mapping[str, int] | None = None,
 ) -> Decision:
-    """The endpoint for one request attempt; ``exclude`` holds the ones this request tried."""
+    """The endpoint for one request attempt; ``exclude`` holds the ones this request tried;
+    ``affinity``: endpoint id -> characters of the request's prompt prefix last sent there."""
     skipped: dict[str, str] = {}
+    ctx = _Context(hints, stats, rng, config, skipped, now,
+                   affinity if config.placement == "cache" and affinity else {})
     edges = _candidates(endpoints, "edge", hints, stats, now, exclude, skipped)
     if edges:
-        return _pick(edges, hints, stats, rng, config, skipped, route=None)
+        return _pick(edges, ctx, route=None)
     central = _candidates(endpoints, "central", hints, stats, now, exclude, skipped)
     if central:
         has_edge = any(e.tier == "edge" and e.model == hints.model for e in endpoints)
         why = "edges-unavailable" if has_edge else "no-edge"
-        return _pick(central, hints, stats, rng, config, skipped, route=f"fallback:central:{why}")
+        return _pick(central, ctx, route=f"fallback:central:{why}")
     # Saturation: every live endpoint is at max_concurrency. The agents queue (and answer 429
     # when their queue is full), so send it to the nearest of the full edges, else central.
     for tier in ("edge", "central"):
         full = [e for e in endpoints if e.tier == tier and skipped.get(e.id) == "full"]
         if full:
-            return _pick(full, hints, stats, rng, config, skipped, route=f"saturated:{tier}")
+            return _pick(full, ctx, route=f"saturated:{tier}")
     return Decision(None, "none:no-endpoint", skipped=skipped)
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What one decision reads besides the candidates."""
+
+    hints: RequestHints
+    stats: Mapping[str, EndpointStats]
+    rng: random.Random
+    config: PolicyConfig
+    skipped: dict[str, str]
+    now: float
+    affinity: Mapping[str, int]
 
 
 def _candidates(endpoints, tier, hints, stats, now, exclude, skipped) -> list[Endpoint]:
@@ -140,18 +174,25 @@ def _nearness(e: Endpoint, hints: RequestHints, s: EndpointStats) -> tuple[int, 
     return cls, "ewma", s.ewma_ms if s.ewma_ms is not None else 0.0
 
 
-def _pick(cands, hints, stats, rng, config, skipped, route) -> Decision:
+def _pick(cands, ctx: _Context, route: str | None) -> Decision:
+    hints, stats, config = ctx.hints, ctx.stats, ctx.config
     keyed = sorted(((_nearness(e, hints, stats.get(e.id, _NO_STATS)), e) for e in cands),
                    key=lambda t: (t[0][0], t[0][2], t[1].id))
     (best_cls, evidence, best_val), _ = keyed[0]
     slack = config.slack_km if evidence == "location" else config.slack_ms
     limit = best_val + max(slack, config.slack_ratio * best_val)
     near = [e for (cls, _ev, val), e in keyed if cls == best_cls and val <= limit]
+    queued = {e.id: _queued(e, ctx) for _k, e in keyed}
+    scores = _scores([(k, e) for k, e in keyed if k[0] == best_cls], best_val, queued, ctx)
+    if scores:   # queues or cached prefixes: the explicit trade
+        best = min(scores.values())
+        near = sorted((e for _k, e in keyed if e.id in scores
+                       and scores[e.id] <= best + config.slack_ms), key=lambda e: scores[e.id])
     near = near[: max(1, config.nearest_few)]
     if len(near) == 1:
         chosen = near[0]
     else:  # power of two choices on in-flight requests (the draw itself breaks ties)
-        a, b = (near[i] for i in rng.sample(range(len(near)), 2))
+        a, b = (near[i] for i in ctx.rng.sample(range(len(near)), 2))
         chosen = b if _load(b, stats) < _load(a, stats) else a
     s = stats.get(chosen.id, _NO_STATS)
     cls, ev, val = next(k for k, e in keyed if e is chosen)
@@ -165,12 +206,41 @@ def _pick(cands, hints, stats, rng, config, skipped, route) -> Decision:
         why = f"rtt={val:.1f}ms"
     else:
         why = f"ewma={val:.1f}ms" if s.ewma_ms is not None else "ewma=unmeasured"
+    if scores:
+        why = (f"placed:{why},queued={queued[chosen.id]},"
+               f"cached={ctx.affinity.get(chosen.id, 0)}chars")
+    else:
+        why = f"nearest:{why}"
     ranked = tuple(
         Ranked(e.id, e.node, e.tier, ev_, round(v, 3) if math.isfinite(v) else "unknown",
-               stats.get(e.id, _NO_STATS).inflight, "candidate")
+               stats.get(e.id, _NO_STATS).inflight, "candidate", queued[e.id],
+               ctx.affinity.get(e.id, 0),
+               round(scores[e.id], 3) if e.id in scores and math.isfinite(scores[e.id])
+               else None)
         for (_c, ev_, v), e in keyed)
-    return Decision(chosen, route or f"nearest:{why}", probe=s.ejected_until is not None,
-                    candidates=ranked, skipped=skipped)
+    return Decision(chosen, route or why, probe=s.ejected_until is not None,
+                    candidates=ranked, skipped=ctx.skipped)
+
+
+def _queued(e: Endpoint, ctx: _Context) -> int:
+    if ctx.config.placement != "cache":
+        return 0
+    return ctx.stats.get(e.id, _NO_STATS).queued(ctx.now, ctx.config.report_ttl_s)
+
+
+def _scores(members, best_val: float, queued: Mapping[str, int],
+            ctx: _Context) -> dict[str, float]:
+    """Endpoint id -> placement score (ms) of the nearest class's members; empty when no
+    member reported a queue and none holds a prefix worth more than the slack (nearness
+    alone decides then)."""
+    c = ctx.config
+    credit = {e.id: min(c.max_cache_credit_ms, ctx.affinity.get(e.id, 0) * c.prefill_ms_per_char)
+              for _k, e in members}
+    if not any(queued[e.id] or credit[e.id] > c.slack_ms for _k, e in members):
+        return {}
+    return {e.id: (val - best_val) / (100.0 if ev == "location" else 1.0)
+            + c.queue_ms * queued[e.id] - credit[e.id]
+            for (_cls, ev, val), e in members}
 
 
 def _load(e: Endpoint, stats) -> int:

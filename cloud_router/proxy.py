@@ -17,6 +17,7 @@ import json
 import logging
 from typing import Iterable
 
+from cloud_router.affinity import LOAD_HEADER, prefix_keys
 from cloud_router.auth import bearer_key_ok
 from cloud_router.forwarding import Forwarded, Forwarder, Refused, UpstreamStream
 from cloud_router.geo import parse_location
@@ -34,7 +35,7 @@ FORWARDED_PATHS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/emb
 # router sets itself.
 DROPPED_RESPONSE_HEADERS = frozenset((
     "connection", "keep-alive", "transfer-encoding", "content-length", "date", "server",
-    "x-edgegen-node", "x-edgegen-tier", "x-edgegen-route"))
+    "x-edgegen-node", "x-edgegen-tier", "x-edgegen-route", LOAD_HEADER))
 # edgegen_router_requests_total{tier="none", outcome} of the requests refused here.
 REFUSED_OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "unknown_model",
                     408: "body_timeout", 413: "too_large"}
@@ -50,7 +51,7 @@ class ClientError(Exception):
 
 
 def hints_for(settings: RouterSettings, model: str, region: str | None, zone: str | None,
-              location: str | None) -> RequestHints:
+              location: str | None, prefix: tuple = ()) -> RequestHints:
     loc = None
     if location:
         try:
@@ -59,7 +60,7 @@ def hints_for(settings: RouterSettings, model: str, region: str | None, zone: st
             raise ClientError(400, f"x-edgegen-location: {exc}", "invalid_location",
                               "x-edgegen-location") from exc
     return RequestHints(model=model, region=region or settings.region, zone=zone or "",
-                        location=loc)
+                        location=loc, prefix=prefix)
 
 
 def model_not_found(model: str, known: Iterable[str]) -> ClientError:
@@ -132,7 +133,8 @@ class ForwardedPaths:
         if not self.table.known_model(model):
             raise model_not_found(model, self.table.fleet.known_models)
         hints = hints_for(s, model, headers.get("x-edgegen-region"),
-                          headers.get("x-edgegen-zone"), headers.get("x-edgegen-location"))
+                          headers.get("x-edgegen-zone"), headers.get("x-edgegen-location"),
+                          prefix_keys(path, payload) if s.policy.placement == "cache" else ())
         return await self.forwarder.forward(path, body, headers, hints, payload)
 
 

@@ -41,6 +41,17 @@ class EndpointStats:
     backoff_level: int = 0              # ejections since the last success; sets the backoff
     requests: int = 0
     failures: int = 0
+    # the endpoint's own last load report (ORCA header), and when it came
+    waiting: int = 0
+    running: int = 0
+    cache_usage: float = 0.0
+    reported_at: float | None = None
+
+    def queued(self, now: float, ttl_s: float) -> int:
+        """Requests the endpoint said were queued, if it said so within ``ttl_s``."""
+        if self.reported_at is None or now - self.reported_at > ttl_s:
+            return 0
+        return self.waiting
 
     def state(self, now: float) -> str:
         """healthy | ejected | probing | probe-due."""
@@ -92,6 +103,12 @@ class StatsBook:
         self._set(endpoint_id, ewma_ms=latency_ms if ewma is None else (
             self.alpha * latency_ms + (1 - self.alpha) * ewma))
         self.answered(endpoint_id)
+
+    def reported(self, endpoint_id: str, waiting: int, running: int, cache_usage: float,
+                 now: float) -> None:
+        """The endpoint's own load report (checked by ``affinity.parse_load_report``)."""
+        self._set(endpoint_id, waiting=waiting, running=running, cache_usage=cache_usage,
+                  reported_at=now)
 
     def answered(self, endpoint_id: str) -> None:
         """It answered, if only to say it is busy (429): alive, but no latency sample."""

@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 from typing import Callable, Protocol, Sequence
 
+from cloud_router.affinity import AffinityTable
 from cloud_router.endpoints import Endpoint
 from cloud_router.fleet import Fleet
 from cloud_router.policy import Decision, PolicyConfig, RequestHints, choose_endpoint
@@ -64,7 +65,9 @@ class EndpointTable:
         self.budget = budget or RetryBudget()
         self.rng = rng or random.Random()
         self.clock = clock
+        self.affinity = AffinityTable()   # prompt prefix -> the endpoint last sent it
         self._fleet = Fleet.of(())
+        self._endpoint_ids: set[str] = set()
         self._generations: tuple[int, ...] | None = None
 
     @property
@@ -81,6 +84,9 @@ class EndpointTable:
                                    self._fleet.known_models,
                                    self.gate.admit if self.gate is not None else None)
             self.stats.forget_except(self._fleet.by_id.keys())
+            for gone in self._endpoint_ids - self._fleet.by_id.keys():
+                self.affinity.forget(gone)
+            self._endpoint_ids = set(self._fleet.by_id)
         return self._fleet
 
     def set_gate(self, gate: EndpointGate | None) -> None:
@@ -99,9 +105,10 @@ class EndpointTable:
 
     def choose(self, hints: RequestHints, exclude: set[str] | frozenset = frozenset()) -> Decision:
         fleet = self.fleet
+        affinity = self.affinity.lookup(hints.prefix) if hints.prefix else None
         decision = choose_endpoint(fleet.serving.get(hints.model, ()), hints,
                                    self.stats.snapshot(), self.rng, self.clock(), self.policy,
-                                   exclude)
+                                   exclude, affinity)
         withheld = fleet.withheld.get(hints.model)
         if withheld:
             decision = replace(decision, skipped={**withheld, **decision.skipped})
@@ -126,6 +133,8 @@ class EndpointTable:
                 "ejected_for_s": None if s.ejected_until is None
                 else round(max(0.0, s.ejected_until - now), 3),
                 "requests": s.requests, "failures": s.failures,
+                "queued": s.queued(now, self.policy.report_ttl_s), "running": s.running,
+                "cache_usage": s.cache_usage,
                 **(self.gate.describe(e) if self.gate is not None else {}),
             })
         return rows

@@ -134,3 +134,11 @@ def test_agent_and_router_share_body_limits():
 def test_the_router_resumes_streams_with_the_header_the_agent_reads():
     assert router_resume.RESUME_HEADER == agent_chat.RESUME_HEADER
     assert router_resume.CHAT_PATH == agent_chat.CHAT
+
+
+def test_the_router_asks_for_load_reports_in_the_agents_words():
+    from cloud_router import affinity
+    from edge_agent.rest import router as agent_rest
+
+    assert affinity.LOAD_FORMAT_HEADER == agent_rest.LOAD_FORMAT_HEADER
+    assert affinity.LOAD_HEADER == agent_rest.LOAD_HEADER

@@ -23,6 +23,8 @@ from edge_agent.serving.protocol import ErrorResult, error
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+LOAD_FORMAT_HEADER = "endpoint-load-metrics-format"   # ORCA: the format a client asks for
+LOAD_HEADER = "endpoint-load-metrics"                 # ORCA: the load report
 
 
 def _serving(request: Request) -> OpenAIServing:
@@ -71,13 +73,28 @@ async def _sse(chunks: ChunkStream) -> AsyncIterator[bytes]:
         await chunks.aclose()  # client gone or done: cancel the generation, free the slot
 
 
-def _respond(result) -> Response:
+def _respond(result, headers: dict[str, str] | None = None) -> Response:
     if isinstance(result, ErrorResult):
-        return _error_response(result)
+        response = _error_response(result)
+        response.headers.update(headers or {})
+        return response
     if isinstance(result, dict):
-        return JSONResponse(result)
+        return JSONResponse(result, headers=headers)
     return StreamingResponse(_sse(result), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                      **(headers or {})})
+
+
+def _load_report(request: Request) -> dict[str, str]:
+    """ORCA's per-request load report (Envoy's, and vLLM's for the Gateway API Inference
+    Extension), when the request asks for it in the TEXT format: how the router learns each
+    agent's queue without polling."""
+    if request.headers.get(LOAD_FORMAT_HEADER, "").strip().upper() != "TEXT":
+        return {}
+    load = _serving(request).host.load()
+    return {LOAD_HEADER: f"TEXT named_metrics.num_requests_waiting={load.waiting}, "
+                         f"named_metrics.num_requests_running={load.running}, "
+                         f"named_metrics.kv_cache_usage_perc={load.cache_usage:.4f}"}
 
 
 async def _serve(request: Request, method: str, **options) -> Response:
@@ -85,7 +102,8 @@ async def _serve(request: Request, method: str, **options) -> Response:
     body = await _body(request)
     if isinstance(body, ErrorResult):
         return _error_response(body)
-    return _respond(await getattr(_serving(request), method)(body, **options))
+    result = await getattr(_serving(request), method)(body, **options)
+    return _respond(result, _load_report(request))
 
 
 @router.post("/v1/chat/completions")

@@ -112,6 +112,17 @@ def model_around(bundle: Bundle, engine, settings: AgentSettings) -> LoadedModel
     return LoadedModel(bundle, engine, scheduler, ChatTemplate.from_bundle(bundle))
 
 
+@dataclass(frozen=True)
+class Load:
+    """The Gateway API Inference Extension's model-server load figures: requests queued,
+    requests being decoded, and the cache's fill (0-1; here the prefix cache's bytes over its
+    budget: this engine's reusable KV)."""
+
+    waiting: int
+    running: int
+    cache_usage: float
+
+
 class ModelHost:
     """The model the agent serves now, and its replacement, retirement and drain."""
 
@@ -126,6 +137,18 @@ class ModelHost:
         metrics.set_bundle(model.bundle.name, model.bundle.digest12, model.bundle.precision)
         metrics.queue_depth.set_function(lambda: self.model.queue_depth)
         metrics.inflight.set_function(lambda: self.model.inflight)
+        metrics.requests_waiting.set_function(lambda: self.load().waiting)
+        metrics.requests_running.set_function(lambda: self.load().running)
+        metrics.cache_usage.set_function(lambda: self.load().cache_usage)
+
+    def load(self) -> Load:
+        """How busy the served model is, as a router or an llm-d scheduler reads it."""
+        m = self.model
+        waiting = m.queue_depth
+        cache = getattr(m.engine, "prefix_cache", None)
+        usage = (cache.bytes / cache.budget_bytes
+                 if cache is not None and cache.enabled and cache.budget_bytes else 0.0)
+        return Load(waiting, m.inflight - waiting, min(1.0, usage))
 
     def begin_drain(self) -> None:
         """Stop attracting work: readiness fails from now on; in-flight requests finish."""

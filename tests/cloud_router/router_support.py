@@ -64,6 +64,7 @@ class Upstream:
     hits: int = 0
     streams: dict = field(default_factory=dict)   # request id -> "completed" | "cancelled"
     resumed: list = field(default_factory=list)   # the text each continuation was asked for
+    report: str | None = None   # its ORCA load report, sent to whoever asks for one
     server: ServerThread | None = None
 
     @property
@@ -82,6 +83,8 @@ class Upstream:
             self.hits += 1
             body = await request.json()
             headers = {"x-edgegen-node": self.node, "x-edgegen-tier": self.tier}
+            if self.report and request.headers.get("endpoint-load-metrics-format") == "TEXT":
+                headers["endpoint-load-metrics"] = self.report
             if self.mode == "500":
                 return JSONResponse({"error": {"message": "boom", "type": "server_error",
                                                "param": None, "code": None}}, 500, headers)
@@ -173,7 +176,7 @@ def fleet(upstreams):
     """The endpoints a router starts with (tests edit it before `start_router`); upstreams
     reset to healthy."""
     for u in upstreams.values():
-        u.mode, u.hits = "ok", 0
+        u.mode, u.hits, u.report = "ok", 0, None
         u.streams.clear()
         u.resumed.clear()
     return [u.endpoint for u in upstreams.values()]

@@ -363,3 +363,51 @@ def test_upstream_4xx_is_passed_through_without_retry(router, fleet, upstreams):
     r = post(router, body={**CHAT, "model": "other"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert upstreams["us"].hits == 1
+
+
+def test_the_router_learns_each_edges_queue_from_its_answers(router, upstreams):
+    upstreams["eu"].report = "TEXT named_metrics.num_requests_waiting=3"
+    upstreams["eu2"].report = "TEXT named_metrics.num_requests_waiting=0"
+    for _ in range(6):   # until both eu edges have answered once
+        r = post(router)
+        assert "endpoint-load-metrics" not in r.headers   # the router's business, not the client's
+    rows = {row["node"]: row for row in
+            httpx.get(router.url + "/edgegen/v1/endpoints").json()["endpoints"]}
+    assert (rows["eu-1"]["queued"], rows["eu-2"]["queued"]) == (3, 0)
+    for _ in range(5):   # three queued at eu-1: eu-2 takes every request now
+        r = post(router)
+        assert r.headers["x-edgegen-node"] == "eu-2"
+        assert r.headers["x-edgegen-route"].startswith("placed:region=eu-west,queued=0")
+
+
+def test_impossible_load_reports_are_counted_and_steer_nothing(router, upstreams):
+    upstreams["eu"].report = "TEXT named_metrics.num_requests_waiting=-5"
+    upstreams["eu2"].report = "TEXT named_metrics.kv_cache_usage_perc=7"
+    for _ in range(6):
+        assert post(router).status_code == 200
+    assert metric(router, "edgegen_router_invalid_load_reports_total") >= 2
+    rows = {row["node"]: row for row in
+            httpx.get(router.url + "/edgegen/v1/endpoints").json()["endpoints"]}
+    assert rows["eu-1"]["queued"] == 0 and rows["eu-2"]["cache_usage"] == 0.0
+
+
+def test_a_conversation_goes_back_to_the_edge_that_holds_its_history(router, upstreams):
+    system = {"role": "system", "content": "You answer questions about ships. " * 60}
+    first = {**CHAT, "messages": [system, {"role": "user", "content": "What is a brig?"}]}
+    r = post(router, body=first)
+    holder = r.headers["x-edgegen-node"]
+    second = {**first, "messages": [*first["messages"],
+                                    {"role": "assistant", "content": "A two-masted ship."},
+                                    {"role": "user", "content": "And a schooner?"}]}
+    explain = httpx.post(router.url + "/edgegen/v1/route", json=second, headers=EU).json()
+    rows = {row["node"]: row for row in explain["candidates"]}
+    assert explain["endpoint"]["node"] == holder and explain["hints"]["prompt_prefixes"] == 4
+    assert rows[holder]["cached_chars"] == sum(len(m["content"]) + len(m["role"]) + 1
+                                               for m in first["messages"])
+    assert explain["reason"].startswith("placed:region=eu-west,queued=0,cached=")
+    for _ in range(4):   # every later turn, and every chat with the same system prompt
+        assert post(router, body=second).headers["x-edgegen-node"] == holder
+    other = {**CHAT, "messages": [system, {"role": "user", "content": "What is a ketch?"}]}
+    assert post(router, body=other).headers["x-edgegen-node"] == holder
+    assert httpx.post(router.url + "/edgegen/v1/route", content=b"{",
+                      headers=EU).status_code == 400

@@ -230,3 +230,78 @@ def test_retry_budget_caps_retries_to_a_share_of_recent_requests():
     assert granted == 4  # 2 + 20% of 10
     assert not budget.try_retry(now=5.0)
     assert budget.try_retry(now=11.5)  # the window moved on
+
+
+# --- placement: queues and cached prefixes against nearness ---------------------------------
+
+# Three edges of one region, 10 / 30 / 60 ms away by RTT (the nearest class is the region).
+NEAR, MID, FAR = (ep(n, region="eu-west", rtt=rtt) for n, rtt in
+                  (("near", 10.0), ("mid", 30.0), ("far", 60.0)))
+TRIO = [NEAR, MID, FAR]
+
+
+def reported(queued: int, at: float = 99.0) -> EndpointStats:
+    return EndpointStats(waiting=queued, reported_at=at)
+
+
+def place(stats=None, affinity=None, placement="cache", seed=0, now=100.0, **config):
+    return choose_endpoint(TRIO, RequestHints(model="tiny", region="eu-west"), stats or {},
+                           random.Random(seed), now, PolicyConfig(placement=placement, **config),
+                           frozenset(), affinity)
+
+
+@pytest.mark.parametrize("queues, affinity, expected", [
+    # nothing reported, nothing cached: the nearest (within the 5 ms slack: near alone)
+    ({}, {}, "near"),
+    # one queued request (200 ms) outweighs 20 ms of distance, not two ways of it
+    ({"near": 1}, {}, "mid"),
+    ({"near": 1, "mid": 1}, {}, "far"),
+    ({"near": 1, "mid": 1, "far": 1}, {}, "near"),
+    # a cached prefix of 4,000 characters saves ~400 ms of prefill: worth 50 ms of distance
+    ({}, {"far": 4000}, "far"),
+    # ... but not worth two requests queued ahead (400 ms) and the distance besides
+    ({"far": 2}, {"far": 4000}, "near"),
+    # a short cached prefix (30 characters, 3 ms) is no reason to go 20 ms further
+    ({}, {"mid": 30}, "near"),
+    # the credit is capped: a huge prefix cannot outweigh any queue
+    ({"far": 11}, {"far": 10**9}, "near"),
+])
+def test_queues_and_cached_prefixes_are_traded_against_nearness(queues, affinity, expected):
+    stats = {e.id: reported(queues.get(e.node, 0)) for e in TRIO}
+    ids = {e.node: e.id for e in TRIO}
+    d = place(stats, {ids[n]: chars for n, chars in affinity.items()})
+    assert d.endpoint.node == expected, d.candidates
+    if queues or any(c * 0.1 > 5 for c in affinity.values()):
+        assert d.reason.startswith("placed:region=eu-west")
+        row = next(r for r in d.candidates if r.node == expected)
+        assert row.score_ms == min(r.score_ms for r in d.candidates)
+    else:
+        assert d.reason == "nearest:region=eu-west"
+
+
+def test_the_explanation_carries_every_figure_of_the_trade():
+    stats = {NEAR.id: reported(1), MID.id: reported(0), FAR.id: reported(0)}
+    d = place(stats, {FAR.id: 4000})
+    rows = {r.node: r for r in d.candidates}
+    assert d.endpoint is FAR
+    assert d.reason == "placed:region=eu-west,queued=0,cached=4000chars"
+    assert (rows["near"].queued, rows["near"].score_ms) == (1, 200.0)
+    assert (rows["mid"].queued, rows["mid"].cached_chars, rows["mid"].score_ms) == (0, 0, 20.0)
+    assert (rows["far"].cached_chars, rows["far"].score_ms) == (4000, 50.0 - 400.0)
+
+
+def test_stale_reports_and_the_nearest_placement_ignore_queues_and_caches():
+    stale = {NEAR.id: reported(5, at=80.0)}   # 20 s old: past the 10 s a report is trusted
+    assert place(stale).endpoint is NEAR and place(stale).reason == "nearest:region=eu-west"
+    fresh = {NEAR.id: reported(5)}
+    assert place(fresh).endpoint is not NEAR
+    assert place(fresh, {FAR.id: 4000}, placement="nearest").endpoint is NEAR
+    assert place(fresh, placement="nearest").reason == "nearest:region=eu-west"
+
+
+def test_placement_stays_inside_the_nearest_class():
+    # a cached prefix on another region's edge does not pull the request out of its region
+    other = ep("other", region="us-east", rtt=1.0)
+    d = choose_endpoint([NEAR, other], RequestHints(model="tiny", region="eu-west"), {},
+                        random.Random(0), 100.0, PolicyConfig(), frozenset(), {other.id: 10**6})
+    assert d.endpoint is NEAR

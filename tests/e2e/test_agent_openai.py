@@ -284,3 +284,31 @@ def test_agent_runs_with_huge_page_malloc(agent, client, model, monkeypatch):
         huge_kb = int(next(line.split()[1] for line in rollup.splitlines()
                            if line.startswith("AnonHugePages:")))
         assert huge_kb > 0
+
+
+def load_report(header: str) -> dict[str, float]:
+    """ORCA's TEXT format: ``TEXT named_metrics.<name>=<value>, ...``."""
+    assert header.startswith("TEXT ")
+    pairs = (item.strip().split("=") for item in header[len("TEXT "):].split(","))
+    return {key.removeprefix("named_metrics."): float(value) for key, value in pairs}
+
+
+def test_a_load_report_answers_who_asks_for_one(agent, model):
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    url = agent.url + "/v1/chat/completions"
+    assert "endpoint-load-metrics" not in httpx.post(url, json=body, timeout=60).headers
+    r = httpx.post(url, json=body, headers={"endpoint-load-metrics-format": "TEXT"}, timeout=60)
+    report = load_report(r.headers["endpoint-load-metrics"])
+    assert set(report) == {"num_requests_waiting", "num_requests_running",
+                           "kv_cache_usage_perc"}
+    assert report["num_requests_waiting"] >= 0 and report["num_requests_running"] >= 0
+    assert 0 < report["kv_cache_usage_perc"] <= 1   # the conversations just read are cached
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60,
+                      headers={"endpoint-load-metrics-format": "text"}) as s:
+        # a stream reports at its start, itself queued or running
+        started = load_report(s.headers["endpoint-load-metrics"])
+        assert started["num_requests_waiting"] + started["num_requests_running"] >= 1
+    metrics = httpx.get(agent.url + "/metrics").text
+    for name in ("edgegen:num_requests_waiting", "edgegen:num_requests_running",
+                 "edgegen:kv_cache_usage_perc"):
+        assert f"\n{name} " in metrics, name

@@ -52,10 +52,12 @@ class Fleet:
                 httpx.get(self.url + "/edgegen/v1/endpoints", timeout=10).json()["endpoints"]}
 
     def wait_healthy(self, nodes: set[str], timeout: float = 120.0) -> None:
+        """Until the router lists ``nodes`` as healthy, or due a probe (an ejected endpoint
+        whose backoff is over: the next request sent there decides)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             rows = self.rows()
-            if all(rows.get(n, {}).get("state") == "healthy" for n in nodes):
+            if all(rows.get(n, {}).get("state") in ("healthy", "probe-due") for n in nodes):
                 return
             time.sleep(0.2)
         raise TimeoutError(f"the router never saw {nodes} healthy: {self.rows()}")
@@ -129,7 +131,7 @@ def test_greedy_streams_survive_their_edge_being_killed_twice(fleet):
         assert row is not None and row["state"] == "ejected", row
         assert row["consecutive_failures"] == 1 and row["requests"] >= 1, row
         fleet.start(node)
-        fleet.wait_healthy({node}, timeout=120)   # back through the probe after its backoff
+        fleet.wait_healthy({node}, timeout=120)   # listed again, its backoff over
     metrics = httpx.get(fleet.url + "/metrics").text
     assert "edgegen_router_streams_resumed_total 2.0" in metrics
     assert 'outcome="stream_broken"' not in metrics
