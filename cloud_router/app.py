@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cloud_router.affinity import prefix_keys
 from cloud_router.auth import bearer_key_ok
 from cloud_router.forwarding import Forwarder
-from cloud_router.limits import BadBody, BodyLimit, decode_json
+from cloud_router.limits import BodyLimit
 from cloud_router.metrics import RouterMetrics
 from cloud_router.openapi import openapi_schema
 from cloud_router.protocol import error_body, model_card, model_list
@@ -27,6 +27,7 @@ from cloud_router.proxy import (
     ForwardedPaths,
     hints_for,
     model_not_found,
+    read_request,
 )
 from cloud_router.settings import RouterSettings
 from cloud_router.stats import RetryBudget
@@ -138,14 +139,7 @@ def build_app(settings: RouterSettings, sources: Sequence[EndpointSource], *,
     async def route_request(request: Request) -> dict:
         """Where this request (the body a client would POST, hints in its headers) would go
         now, and why: its prompt's cached prefixes and the endpoints' queues included."""
-        try:
-            payload = decode_json(await request.body())
-        except BadBody as exc:
-            raise ClientError(400, str(exc), exc.code, exc.param) from None
-        model = payload.get("model") if isinstance(payload, dict) else None
-        if not isinstance(model, str) or not model:
-            raise ClientError(400, "the request body must be a JSON object with a 'model' "
-                              "string", "missing_model", "model")
+        payload, model = read_request(await request.body())
         known_model(model)
         path = "/v1/chat/completions" if "messages" in payload else "/v1/completions"
         h = request.headers

@@ -9,7 +9,8 @@ place, the app for what it refuses before forwarding (the router's own pages and
     edge|central   ok              answered below 400, or streamed to its end
     edge|central   client_error    answered 4xx by the upstream (not 429), passed on
     edge|central   upstream_error  every try failed: the last 5xx/429 passed on, or a 503
-    edge|central   stream_broken   its stream broke after the first byte
+    edge|central   stream_broken   its stream broke after the first byte and could not be
+                                   continued elsewhere (``resume``)
     edge|central   cancelled       its client left during the stream
     none           no_endpoint     503: no endpoint serves its model now
     none           unauthorized    401: refused by the router, no valid API key

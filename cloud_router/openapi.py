@@ -61,7 +61,7 @@ class RouteExplanation(BaseModel):
     reason: str
     probe: bool
     candidates: list[dict[str, Any]]
-    skipped: list[Any]
+    skipped: dict[str, str]   # endpoint id -> why it is not a candidate
 
 
 class Readiness(BaseModel):
@@ -92,12 +92,13 @@ def openapi_schema(app: FastAPI, forwarded_paths: tuple[str, ...]) -> dict[str, 
     models = {ForwardedRequest, ErrorResponse, AgentAnswer, *(m for m, _ in OWN.values())}
     errors = {str(s): {"description": "Error", "content": _json(ErrorResponse)}
               for s in FORWARDED_ERRORS}
+    hint_headers = [{"name": h, "in": "header", "required": False,
+                     "schema": {"type": "string"}} for h in
+                    ("x-edgegen-region", "x-edgegen-zone", "x-edgegen-location")]
     for path in forwarded_paths:
         doc["paths"][path] = {"post": {
             "summary": f"Forwarded to the nearest healthy agent: {path}",
-            "parameters": [{"name": h, "in": "header", "required": False,
-                            "schema": {"type": "string"}} for h in
-                           ("x-edgegen-region", "x-edgegen-zone", "x-edgegen-location")],
+            "parameters": hint_headers,
             "requestBody": {"required": True, "content": _json(ForwardedRequest)},
             "responses": {"200": {"description": "The agent's answer", "content": {
                 **_json(AgentAnswer), "text/event-stream": {"schema": {"type": "string"}}}},
@@ -107,6 +108,13 @@ def openapi_schema(app: FastAPI, forwarded_paths: tuple[str, ...]) -> dict[str, 
         op["responses"]["200"] = {"description": "OK", "content": _json(model)}
         op["responses"].update({str(s): {"description": "Error",
                                          "content": _json(ErrorResponse)} for s in statuses})
+    # the same explanation for a whole request: its body, hints in its headers
+    doc["paths"]["/edgegen/v1/route"]["post"] = {
+        **doc["paths"]["/edgegen/v1/route"]["post"], "parameters": hint_headers,
+        "requestBody": {"required": True, "content": _json(ForwardedRequest)},
+        "responses": {"200": {"description": "OK", "content": _json(RouteExplanation)},
+                      **{str(s): {"description": "Error", "content": _json(ErrorResponse)}
+                         for s in OWN["/edgegen/v1/route"][1]}}}
     doc["paths"]["/readyz"]["get"]["responses"]["503"] = {"description": "Not ready",
                                                           "content": _json(Readiness)}
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})

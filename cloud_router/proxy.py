@@ -63,6 +63,19 @@ def hints_for(settings: RouterSettings, model: str, region: str | None, zone: st
                         location=loc, prefix=prefix)
 
 
+def read_request(body: bytes) -> tuple[dict, str]:
+    """The body's JSON object and its model; ClientError (400) for anything else."""
+    try:
+        payload = decode_json(body)
+    except BadBody as exc:
+        raise ClientError(400, str(exc), exc.code, exc.param) from None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(model, str) or not model:
+        raise ClientError(400, "the request body must be a JSON object with a 'model' string",
+                          "missing_model", "model")
+    return payload, model
+
+
 def model_not_found(model: str, known: Iterable[str]) -> ClientError:
     return ClientError(404, f"The model {model!r} does not exist or no endpoint serves it; "
                        f"known models: {', '.join(sorted(known)) or 'none'}",
@@ -122,14 +135,7 @@ class ForwardedPaths:
         if s.api_keys and not bearer_key_ok(headers.get("authorization"), s.api_keys):
             raise ClientError(401, "a valid API key is required: send 'Authorization: Bearer "
                               "<key>'", "invalid_api_key")
-        try:
-            payload = decode_json(body)
-        except BadBody as exc:
-            raise ClientError(400, str(exc), exc.code, exc.param) from None
-        model = payload.get("model") if isinstance(payload, dict) else None
-        if not isinstance(model, str) or not model:
-            raise ClientError(400, "the request body must be a JSON object with a 'model' "
-                              "string", "missing_model", "model")
+        payload, model = read_request(body)
         if not self.table.known_model(model):
             raise model_not_found(model, self.table.fleet.known_models)
         hints = hints_for(s, model, headers.get("x-edgegen-region"),
@@ -144,11 +150,12 @@ async def send_stream(stream: UpstreamStream, status: int, headers: list, receiv
     and always closes the stream (which releases the upstream, and so cancels its generation
     when the client left)."""
     delivered = False
+    events = stream.events()
 
     async def pump() -> None:
         nonlocal delivered
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        async for event in stream.events():
+        async for event in events:
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
         delivered = True
@@ -166,6 +173,7 @@ async def send_stream(stream: UpstreamStream, status: int, headers: list, receiv
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError, OSError):
             await pumping   # OSError: the client went away while we wrote to it
+        await events.aclose()
         await asyncio.shield(stream.close(delivered))
 
 

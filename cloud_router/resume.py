@@ -106,6 +106,7 @@ class Transcript:
                 self.finished = True
 
     def _chunk(self, event: bytes) -> dict | None:
+        """The event's JSON object, if it holds one (noting ``[DONE]``)."""
         data = _data(event)
         if data == b"[DONE]":
             self.done = True
@@ -135,16 +136,9 @@ class Transcript:
 
     def rewrite(self, event: bytes) -> bytes:
         """A continuation's event as part of the client's stream (b"" to drop it)."""
-        data = _data(event)
-        if data == b"[DONE]":
-            self.done = True
-            return event
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return event
-        if not isinstance(chunk, dict) or "choices" not in chunk:
-            return event   # an error event, say: as it is
+        chunk = self._chunk(event)
+        if chunk is None or "choices" not in chunk:
+            return event   # [DONE], an error event: as it is
         if _opens_message(chunk):
             return b""
         if self._skip and not self._replayed(chunk):

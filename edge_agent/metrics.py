@@ -49,12 +49,13 @@ class AgentMetrics:
         self.inflight = Gauge("edgegen_inflight_requests",
                               "Requests being decoded or waiting for a slot.", registry=r)
         # The Gateway API Inference Extension's model-server metrics, under vLLM's names with
-        # this server's prefix, so llm-d-style schedulers can read edgegen agents too.
-        self.requests_waiting = Gauge("edgegen:num_requests_waiting",
+        # this server's prefix (and "_" where vLLM writes ":", which promtool reserves for
+        # recording rules), so llm-d-style schedulers can read edgegen agents too.
+        self.requests_waiting = Gauge("edgegen_num_requests_waiting",
                                       "Requests queued for a decoding slot.", registry=r)
-        self.requests_running = Gauge("edgegen:num_requests_running",
+        self.requests_running = Gauge("edgegen_num_requests_running",
                                       "Requests being decoded.", registry=r)
-        self.cache_usage = Gauge("edgegen:kv_cache_usage_perc", "The prefix cache's fill, "
+        self.cache_usage = Gauge("edgegen_kv_cache_usage_perc", "The prefix cache's fill, "
                                  "0 to 1 (its bytes over its budget).", registry=r)
         self.bundle_info = Gauge("edgegen_bundle_info", "The bundle being served (value 1).",
                                  ["name", "digest", "precision"], registry=r)

@@ -262,7 +262,9 @@ def test_metrics_pass_promtool_and_count_requests(agent, client, model):
                  "edgegen_time_to_first_token_seconds_bucket",
                  "edgegen_time_per_output_token_seconds_bucket",
                  "edgegen_generated_tokens_total", "edgegen_prompt_tokens_total",
-                 "edgegen_queue_depth", "edgegen_inflight_requests", "edgegen_bundle_info"):
+                 "edgegen_queue_depth", "edgegen_inflight_requests", "edgegen_bundle_info",
+                 "edgegen_num_requests_waiting", "edgegen_num_requests_running",
+                 "edgegen_kv_cache_usage_perc"):
         assert name in text, name
     assert 'edgegen_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert f'name="{model}"' in text
@@ -309,6 +311,6 @@ def test_a_load_report_answers_who_asks_for_one(agent, model):
         started = load_report(s.headers["endpoint-load-metrics"])
         assert started["num_requests_waiting"] + started["num_requests_running"] >= 1
     metrics = httpx.get(agent.url + "/metrics").text
-    for name in ("edgegen:num_requests_waiting", "edgegen:num_requests_running",
-                 "edgegen:kv_cache_usage_perc"):
+    for name in ("edgegen_num_requests_waiting", "edgegen_num_requests_running",
+                 "edgegen_kv_cache_usage_perc"):
         assert f"\n{name} " in metrics, name
