@@ -19,7 +19,9 @@ Either way ``rewrite`` drops the new stream's opening role chunk (the client has
 gives every chunk the id and ``created`` of the first stream: the client sees one stream.
 
 Only plain-text streams of one choice are resumed: a tool call or a constrained (JSON) answer
-would need its parser or grammar state carried over, and ``n`` > 1 interleaves choices.
+would need its parser or grammar state carried over, ``n`` > 1 interleaves choices, and a
+replay's chunks may cut tokens otherwise than the first stream did, so their logprobs would
+repeat some the client already has.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def resumable(path: str, payload: Any) -> bool:
         return False
     fmt = payload.get("response_format")
     return (payload.get("n") in (None, 1) and not payload.get("tools")
+            and not payload.get("logprobs")
             and (fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"))
             and isinstance(payload.get("messages"), list))
 

@@ -35,6 +35,7 @@ def event(delta: dict, finish=None, id_="a", created=1) -> bytes:
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, False),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, False),
     ("/v1/chat/completions", {**CHAT, "response_format": "text"}, False),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True}, False),
     ("/v1/chat/completions", {**CHAT, "messages": "hi"}, False),
     ("/v1/completions", {"model": "m", "prompt": "hi", "stream": True}, False),
     ("/v1/chat/completions", [CHAT], False),
