@@ -60,7 +60,9 @@ class PolicyConfig:
     queue_ms: float = 200.0       # what one request queued ahead costs a new one
     prefill_ms_per_char: float = 0.1    # reading a prompt again: ~0.4 ms a token on edge CPUs
     max_cache_credit_ms: float = 2000.0
-    report_ttl_s: float = 10.0    # a load report older than this says nothing
+    # A load report older than this says nothing: an endpoint avoided for its queue sends no
+    # new report, so an old one must not keep it avoided once its queue has likely drained.
+    report_ttl_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,8 @@ def _pick(cands, ctx: _Context, route: str | None) -> Decision:
 def _queued(e: Endpoint, ctx: _Context) -> int:
     if ctx.config.placement != "cache":
         return 0
-    return ctx.stats.get(e.id, _NO_STATS).queued(ctx.now, ctx.config.report_ttl_s)
+    return ctx.stats.get(e.id, _NO_STATS).queued(ctx.now, ctx.config.report_ttl_s,
+                                                  e.max_concurrency)
 
 
 def _scores(members, best_val: float, queued: Mapping[str, int],

@@ -47,10 +47,15 @@ class EndpointStats:
     cache_usage: float = 0.0
     reported_at: float | None = None
 
-    def queued(self, now: float, ttl_s: float) -> int:
-        """Requests the endpoint said were queued, if it said so within ``ttl_s``."""
+    def queued(self, now: float, ttl_s: float, capacity: int = 0) -> int:
+        """Requests that must wait for a slot, by the endpoint's report within ``ttl_s``: what
+        it holds beyond its ``capacity`` (max_concurrency; 0: unknown, then what it said was
+        waiting). A request waits in an agent's queue until its next step even when a slot is
+        free, so "waiting" alone counts queues that are not there."""
         if self.reported_at is None or now - self.reported_at > ttl_s:
             return 0
+        if capacity:
+            return max(0, self.waiting + self.running - capacity)
         return self.waiting
 
     def state(self, now: float) -> str:

@@ -133,7 +133,8 @@ class EndpointTable:
                 "ejected_for_s": None if s.ejected_until is None
                 else round(max(0.0, s.ejected_until - now), 3),
                 "requests": s.requests, "failures": s.failures,
-                "queued": s.queued(now, self.policy.report_ttl_s), "running": s.running,
+                "queued": s.queued(now, self.policy.report_ttl_s, e.max_concurrency),
+                "running": s.running,
                 "cache_usage": s.cache_usage,
                 **(self.gate.describe(e) if self.gate is not None else {}),
             })

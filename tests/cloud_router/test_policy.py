@@ -240,7 +240,7 @@ NEAR, MID, FAR = (ep(n, region="eu-west", rtt=rtt) for n, rtt in
 TRIO = [NEAR, MID, FAR]
 
 
-def reported(queued: int, at: float = 99.0) -> EndpointStats:
+def reported(queued: int, at: float = 99.5) -> EndpointStats:
     return EndpointStats(waiting=queued, reported_at=at)
 
 
@@ -279,6 +279,18 @@ def test_queues_and_cached_prefixes_are_traded_against_nearness(queues, affinity
         assert d.reason == "nearest:region=eu-west"
 
 
+@pytest.mark.parametrize("waiting, running, capacity, queued", [
+    (1, 2, 4, 0),    # a slot is free: it is admitted at the agent's next step, no queue
+    (2, 4, 4, 2),    # every slot busy: both wait
+    (3, 3, 4, 2),
+    (3, 0, 0, 3),    # capacity unknown: what the agent said was waiting
+])
+def test_a_queue_is_what_an_endpoint_holds_beyond_its_slots(waiting, running, capacity, queued):
+    s = EndpointStats(waiting=waiting, running=running, reported_at=99.5)
+    assert s.queued(100.0, 1.0, capacity) == queued
+    assert s.queued(101.0, 1.0, capacity) == 0   # and only while the report is fresh
+
+
 def test_the_explanation_carries_every_figure_of_the_trade():
     stats = {NEAR.id: reported(1), MID.id: reported(0), FAR.id: reported(0)}
     d = place(stats, {FAR.id: 4000})
@@ -291,7 +303,7 @@ def test_the_explanation_carries_every_figure_of_the_trade():
 
 
 def test_stale_reports_and_the_nearest_placement_ignore_queues_and_caches():
-    stale = {NEAR.id: reported(5, at=80.0)}   # 20 s old: past the 10 s a report is trusted
+    stale = {NEAR.id: reported(5, at=98.0)}   # 2 s old: past the 1 s a report is trusted
     assert place(stale).endpoint is NEAR and place(stale).reason == "nearest:region=eu-west"
     fresh = {NEAR.id: reported(5)}
     assert place(fresh).endpoint is not NEAR
