@@ -4,10 +4,10 @@ endpoint says of its own load. No I/O, no clock.
 Prefixes: a chat's prompt grows turn by turn (system prompt, then each exchange), so its
 prefix is keyed message by message: key *i* is a hash chained over the model and the first *i*
 messages, and holds their length in characters. A completion prompt is keyed by blocks of
-``BLOCK_CHARS``. The router remembers, per key, the endpoint it last sent that prefix to, in
-a bounded table (least recently used keys go first); for a new request the longest key found
-names the endpoint whose prefix cache most likely still holds it, and how much of the prompt
-it would not have to read again.
+``BLOCK_CHARS``. The router remembers, per key, the endpoints it last sent that prefix to, in
+a bounded table (least recently used keys go first); for a new request, each endpoint's
+longest key found says how much of the prompt its prefix cache most likely still holds, so
+how much it would not have to read again.
 
 Load: agents answer ORCA's ``endpoint-load-metrics`` header (TEXT format, the named metrics of
 the Gateway API Inference Extension's model-server protocol) when asked; ``parse_load_report``
@@ -63,35 +63,43 @@ def _message_text(message: Any) -> str:
 
 
 class AffinityTable:
-    """Prefix key -> the endpoint last sent that prefix; at most ``capacity`` keys."""
+    """Prefix key -> the endpoints last sent that prefix (at most ``holders``, the latest
+    first): a prefix sent to several endpoints is cached on all of them, so it is no reason to
+    prefer one (a shared system prompt); the part only one holds is (a chat's own history).
+    At most ``capacity`` keys; the least recently used go first."""
 
-    def __init__(self, capacity: int = 65_536):
+    def __init__(self, capacity: int = 65_536, holders: int = 4):
         self.capacity = capacity
-        self._owner: OrderedDict[bytes, str] = OrderedDict()
+        self.holders = holders
+        self._held: OrderedDict[bytes, tuple[str, ...]] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._owner)
+        return len(self._held)
 
     def lookup(self, keys: tuple[tuple[bytes, int], ...]) -> dict[str, int]:
         """Endpoint id -> characters of the longest prefix it was sent (longest key first)."""
         found: dict[str, int] = {}
         for key, chars in keys:
-            owner = self._owner.get(key)
-            if owner is not None and owner not in found:
-                found[owner] = chars
+            for holder in self._held.get(key, ()):
+                found.setdefault(holder, chars)
         return found
 
     def record(self, keys: tuple[tuple[bytes, int], ...], endpoint_id: str) -> None:
         for key, _chars in keys:
-            self._owner[key] = endpoint_id
-            self._owner.move_to_end(key)
-        while len(self._owner) > self.capacity:
-            self._owner.popitem(last=False)
+            others = tuple(h for h in self._held.get(key, ()) if h != endpoint_id)
+            self._held[key] = (endpoint_id, *others)[: self.holders]
+            self._held.move_to_end(key)
+        while len(self._held) > self.capacity:
+            self._held.popitem(last=False)
 
     def forget(self, endpoint_id: str) -> None:
         """An endpoint that restarted or left holds nothing any more."""
-        for key in [k for k, owner in self._owner.items() if owner == endpoint_id]:
-            del self._owner[key]
+        for key in [k for k, held in self._held.items() if endpoint_id in held]:
+            rest = tuple(h for h in self._held[key] if h != endpoint_id)
+            if rest:
+                self._held[key] = rest
+            else:
+                del self._held[key]
 
 
 @dataclass(frozen=True)

@@ -58,19 +58,24 @@ def test_completion_prompts_are_keyed_by_blocks():
     assert set(keys) <= set(longer)
 
 
-def test_the_table_names_who_holds_the_longest_prefix_and_forgets_the_oldest():
-    table = AffinityTable(capacity=4)
+def test_the_table_says_how_much_of_a_prompt_each_endpoint_holds():
+    table = AffinityTable(capacity=6, holders=2)
     first = prefix_keys(CHAT, turn("Hi"))                               # 2 keys
-    second = prefix_keys(CHAT, turn("Hi", "Hello!", "A joke, please"))  # 4 keys
+    second = prefix_keys(CHAT, turn("Hi", "Hello!", "A joke, please"))  # 4, 2 of them first's
     table.record(first, "edge-a")
     assert table.lookup(second) == {"edge-a": first[0][1]}
-    table.record(second, "edge-b")     # the longer prompt, and the shared prefix, move to b
-    assert table.lookup(second) == {"edge-b": second[0][1]}
+    table.record(second, "edge-b")   # b holds all of it; a still holds what it was sent
+    assert table.lookup(second) == {"edge-b": second[0][1], "edge-a": first[0][1]}
+    table.record(first, "edge-c")    # at most two holders per key, the latest first
+    assert table.lookup(first) == {"edge-c": first[0][1], "edge-b": first[0][1]}
     assert len(table) == 4
-    table.record(prefix_keys(CHAT, turn("Something else")), "edge-c")   # evicts b's oldest
-    assert len(table) == 4
-    table.forget("edge-c")
-    assert "edge-c" not in table.lookup(prefix_keys(CHAT, turn("Something else")))
+    table.forget("edge-b")
+    assert table.lookup(second) == {"edge-c": first[0][1]}
+    assert len(table) == 2           # keys only b held are gone
+    for n in range(5):               # at most six keys: the least recently used go first
+        table.record(prefix_keys(CHAT, turn(f"Other {n}"))[:1], "edge-d")
+    # first's keys were used longest first: its whole prompt went, its system prompt stays
+    assert len(table) == 6 and table.lookup(first) == {"edge-c": first[-1][1]}
 
 
 @pytest.mark.parametrize("header, report", [
