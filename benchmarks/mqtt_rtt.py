@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -127,6 +128,7 @@ def main() -> None:
         for p in procs:
             p.stop()
         broker.stop()
+        shutil.rmtree(tmp, ignore_errors=True)   # the exported bundle and the logs
 
 
 if __name__ == "__main__":
