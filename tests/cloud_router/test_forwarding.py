@@ -13,7 +13,7 @@ from aiohttp import web
 from cloud_router.endpoints import Endpoint
 from cloud_router.forwarding import ForwardConfig, Forwarded, Forwarder, Refused
 from cloud_router.metrics import RouterMetrics
-from cloud_router.policy import RequestHints
+from cloud_router.policy import PolicyConfig, RequestHints
 from cloud_router.stats import RetryBudget
 from cloud_router.table import EndpointTable
 from tests.cloud_router.router_support import (  # noqa: F401 (fixtures)
@@ -365,19 +365,27 @@ def test_upstream_4xx_is_passed_through_without_retry(router, fleet, upstreams):
     assert upstreams["us"].hits == 1
 
 
-def test_the_router_learns_each_edges_queue_from_its_answers(router, upstreams):
+def test_the_router_learns_each_edges_queue_from_its_answers(fleet, upstreams):
     upstreams["eu"].report = "TEXT named_metrics.num_requests_waiting=3"
     upstreams["eu2"].report = "TEXT named_metrics.num_requests_waiting=0"
-    for _ in range(6):   # until both eu edges have answered once
-        r = post(router)
-        assert "endpoint-load-metrics" not in r.headers   # the router's business, not the client's
-    rows = {row["node"]: row for row in
-            httpx.get(router.url + "/edgegen/v1/endpoints").json()["endpoints"]}
-    assert (rows["eu-1"]["queued"], rows["eu-2"]["queued"]) == (3, 0)
-    for _ in range(5):   # three queued at eu-1: eu-2 takes every request now
-        r = post(router)
-        assert r.headers["x-edgegen-node"] == "eu-2"
-        assert r.headers["x-edgegen-route"].startswith("placed:region=eu-west,queued=0")
+    # reports trusted for a minute: this test is about learning them, not about their age
+    # (test_policy.py has the 1 s default on a table)
+    router = start_router(fleet, policy=PolicyConfig(report_ttl_s=60.0))
+    try:
+        for _ in range(20):   # until both eu edges have answered once
+            r = post(router)
+            assert "endpoint-load-metrics" not in r.headers   # the router's, not the client's
+            if upstreams["eu"].hits and upstreams["eu2"].hits:
+                break
+        rows = {row["node"]: row for row in
+                httpx.get(router.url + "/edgegen/v1/endpoints").json()["endpoints"]}
+        assert (rows["eu-1"]["queued"], rows["eu-2"]["queued"]) == (3, 0)
+        for _ in range(5):   # three queued at eu-1: eu-2 takes every request now
+            r = post(router)
+            assert r.headers["x-edgegen-node"] == "eu-2"
+            assert r.headers["x-edgegen-route"].startswith("placed:region=eu-west,queued=0")
+    finally:
+        router.stop()
 
 
 def test_impossible_load_reports_are_counted_and_steer_nothing(router, upstreams):
