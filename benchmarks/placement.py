@@ -270,7 +270,7 @@ def main() -> None:
                     help="alternating rounds over the three targets (default 2)")
     ap.add_argument("--router-arg", action="append", default=[], metavar="ARG",
                     help="an extra argument for both `edgegen router`s, repeatable; write flags "
-                         "with '=': --router-arg=--workers --router-arg=2")
+                         "with '=': --router-arg=--placement --router-arg=nearest")
     args = ap.parse_args()
     if min(args.conversations, args.turns, args.concurrency, args.max_tokens, args.rounds) < 1:
         ap.error("--conversations, --turns, --concurrency, --max-tokens and --rounds must be >= 1")

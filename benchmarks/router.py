@@ -505,7 +505,7 @@ def main() -> None:
                     help="requests per target of part 3's trickle (default 400)")
     ap.add_argument("--router-arg", action="append", default=[], metavar="ARG",
                     help="an extra argument for `edgegen router`, repeatable; write flags "
-                         "with '=': --router-arg=--workers --router-arg=2")
+                         "with '=': --router-arg=--placement --router-arg=nearest")
     args = ap.parse_args()
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}; "
           f"haproxy {subprocess.run(['haproxy', '-v'], capture_output=True, text=True).stdout.split()[2]}")
