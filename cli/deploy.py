@@ -9,6 +9,18 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from cli.rollout import (
+    BAKE,
+    GATES,
+    GROUPS,
+    INCONCLUSIVE,
+    PROMETHEUS,
+    TOKEN,
+    TOKEN_FILE,
+    WAVES,
+    rollout_options,
+)
+
 console = Console()
 
 
@@ -21,7 +33,12 @@ def config_options(bundle, bundle_url, target, namespace, nodes, max_unavailable
                    consul_address, central=True, mqtt=True, mqtt_anonymous=False):
     """Build the DeployConfig the flags describe (shared with `edgegen manifests render`)."""
     from manifests.bundle_ref import bundle_ref
-    from manifests.render import DEFAULT_IMAGE, DeployConfig, check_config, parse_selector
+    from manifests.render import (
+        DEFAULT_IMAGE,
+        DeployConfig,
+        check_config,
+        parse_selector,
+    )
 
     cfg = DeployConfig(
         bundle=bundle_ref(bundle, bundle_url, target),
@@ -50,7 +67,8 @@ def progress_table(decision) -> Table:
 
 
 class _LiveProgress:
-    """A live per-node table while the rollout is watched."""
+    """A live table while the rollout is watched: per pod while the edge DaemonSet comes up,
+    per wave and node while a bundle goes out through the fleet's desired state."""
 
     def __init__(self):
         self.live = Live(Table(title="rollout: applying"), console=console,
@@ -63,8 +81,25 @@ class _LiveProgress:
     def __exit__(self, *exc):
         return self.live.__exit__(*exc)
 
-    def __call__(self, decision) -> None:
-        self.live.update(progress_table(decision))
+    def __call__(self, progress) -> None:
+        from cli.rollout import view_table
+        from manifests.fleet_rollout import RolloutView
+
+        self.live.update(view_table(progress.to_dict()) if isinstance(progress, RolloutView)
+                         else progress_table(progress))
+
+
+def _fleet(client, cfg, consul, token, token_file, prometheus, options):
+    from cloud_router.credentials import consul_token
+    from manifests.deploy import fleet_access
+
+    return fleet_access(client, cfg, options, consul=consul,
+                        token=consul_token(token, token_file), prometheus=prometheus)
+
+
+CONSUL_K3S = typer.Option(None, "--consul", help="k3s: the Consul the agents follow (default: "
+                          "--consul-address, else the cluster's through the API server's "
+                          "service proxy).")
 
 
 def deploy(
@@ -96,9 +131,14 @@ def deploy(
     registry_port: int = typer.Option(8500, "--registry-port",
                                       help="local: the embedded registry's port."),
     mqtt_port: int = typer.Option(1883, "--mqtt-port", help="local: the MQTT broker's port."),
+    consul: str = CONSUL_K3S, consul_token: str = TOKEN, consul_token_file: Path = TOKEN_FILE,
+    waves: str = WAVES, groups: str = GROUPS, bake: float = BAKE, gates: str = GATES,
+    inconclusive: str = INCONCLUSIVE, prometheus: str = PROMETHEUS,
 ) -> None:
-    """Deploy a bundle to K3s edge nodes (server-side apply, watched rollout, automatic
-    rollback), or run the same container specs as local processes with --target local."""
+    """Deploy a bundle to K3s edge nodes, or run the same container specs as local processes
+    with --target local. On K3s the first deploy starts the edge pods; later bundles go out in
+    waves with health gates through the nodes' desired state in Consul (pre-pulled, hot-swapped,
+    rolled back from each node's cache on a failed gate): K3s restarts nothing."""
     from manifests.render import render, to_yaml
 
     if target not in ("k3s", "local"):
@@ -123,9 +163,11 @@ def deploy(
     client = KubeClient.connect(kubeconfig, context)
     console.print(f"deploying {cfg.bundle.name} {cfg.bundle.digest[:12]} to "
                   f"{client.description}, namespace {cfg.namespace}")
+    fleet = _fleet(client, cfg, consul, consul_token, consul_token_file, prometheus,
+                   rollout_options(waves, groups, bake, gates, inconclusive))
     with _LiveProgress() as progress:
-        decision = do_deploy(client, cfg, timeout, progress, force_conflicts)
-    console.print(f"[green]rolled out[/] to {decision.desired} edge nodes")
+        do_deploy(client, cfg, timeout, progress, force_conflicts, fleet)
+    console.print(f"[green]rolled out[/] {cfg.bundle.name} {cfg.bundle.digest[:12]}")
 
 
 def rollback(
@@ -134,14 +176,22 @@ def rollback(
     namespace: str = typer.Option("edgegen", "--namespace", "-n"),
     timeout: float = typer.Option(600.0, "--timeout"),
     force_conflicts: bool = typer.Option(False, "--force-conflicts"),
+    consul: str = CONSUL_K3S, consul_token: str = TOKEN, consul_token_file: Path = TOKEN_FILE,
+    bake: float = BAKE, gates: str = GATES, prometheus: str = PROMETHEUS,
 ) -> None:
-    """Roll the edge nodes back to the bundle served before the current one."""
+    """Roll the edge nodes back to the bundle served before the current one (from their own
+    disks: no download), in waves like a deploy."""
+    from manifests.deploy import read_deployed
     from manifests.deploy import rollback as do_rollback
     from manifests.kube import KubeClient
 
     client = KubeClient.connect(kubeconfig, context)
+    state = read_deployed(client, namespace)
+    fleet = None if state is None else _fleet(
+        client, state.config, consul, consul_token, consul_token_file, prometheus,
+        rollout_options(None, None, bake, gates, "promote"))
     with _LiveProgress() as progress:
-        target, _ = do_rollback(client, namespace, timeout, progress, force_conflicts)
+        target, _ = do_rollback(client, namespace, timeout, progress, force_conflicts, fleet)
     console.print(f"[green]rolled back[/] to {target.name} {target.digest[:12]}")
 
 
@@ -150,8 +200,9 @@ def status(
     kubeconfig: str = typer.Option(None, "--kubeconfig"),
     context: str = typer.Option(None, "--context"),
     namespace: str = typer.Option("edgegen", "--namespace", "-n"),
-    consul: str = typer.Option("http://127.0.0.1:8500", "--consul",
-                               help="local: the registry (Consul API) to ask."),
+    consul: str = typer.Option(None, "--consul",
+                               help="The registry (Consul API) to ask (local: default "
+                                    "http://127.0.0.1:8500; k3s: default the cluster's)."),
     consul_token: str = typer.Option(
         None, "--consul-token", envvar="CONSUL_HTTP_TOKEN", show_envvar=False,
         help="local: Consul ACL token to read with (default $CONSUL_HTTP_TOKEN; a literal "
@@ -166,12 +217,18 @@ def status(
         from cloud_router.credentials import consul_token as read_token
         from manifests.local_status import registry_status
 
-        rows = registry_status(consul, token=read_token(consul_token, consul_token_file))
+        rows = registry_status(consul or "http://127.0.0.1:8500",
+                               token=read_token(consul_token, consul_token_file))
     elif target == "k3s":
-        from manifests.deploy import cluster_status
+        from manifests.deploy import cluster_status, read_deployed
+        from manifests.fleet_rollout import RolloutOptions
         from manifests.kube import KubeClient
 
-        rows = cluster_status(KubeClient.connect(kubeconfig, context), namespace)
+        client = KubeClient.connect(kubeconfig, context)
+        state = read_deployed(client, namespace)
+        fleet = None if state is None else _fleet(client, state.config, consul, consul_token,
+                                                  consul_token_file, None, RolloutOptions())
+        rows = cluster_status(client, namespace, fleet.kv if fleet else None)
     else:
         raise typer.BadParameter("--target must be k3s or local")
     t = Table(title=f"edgegen agents ({target})", title_justify="left")

@@ -23,6 +23,19 @@ TOKEN_FILE = typer.Option(None, "--consul-token-file", envvar="CONSUL_HTTP_TOKEN
                           show_envvar=False, dir_okay=False,
                           help="File holding the token (default $CONSUL_HTTP_TOKEN_FILE).")
 
+WAVES = typer.Option(None, "--waves", help="Cumulative wave sizes: counts or % "
+                     "(default 1,10%,50%,100%).")
+GROUPS = typer.Option(None, "--groups", help="Only these groups (regions), in this order: "
+                      "eu-west,us-east.")
+BAKE = typer.Option(60.0, "--bake", help="Seconds each wave's health is watched.")
+GATES = typer.Option(None, "--gates", help="e.g. 'error_rate<=0.05, ttft_p95<=2x, "
+                     "tokens_per_s>=0.5x' (x: relative to nodes on the old bundle).")
+INCONCLUSIVE = typer.Option("pause", "--inconclusive", help="A wave too quiet to judge: "
+                            "pause (wait for `rollout resume` or `abort`), promote, or fail.")
+PROMETHEUS = typer.Option(None, "--prometheus", help="Read the gates' figures from this "
+                          "Prometheus (series labelled instance=<address:port> as the agents "
+                          "registered) instead of each agent's /metrics.")
+
 _STYLE = {"switched": "green", "pre-pulled": "cyan", "deferred": "yellow", "failed": "red",
           "rolled back": "magenta", "waiting": "dim"}
 
@@ -32,6 +45,17 @@ def _kv(consul: str, token: str | None, token_file: Path | None):
     from manifests.consul_kv import ConsulKV
 
     return ConsulKV(consul, consul_token(token, token_file))
+
+
+def rollout_options(waves: str | None, groups: str | None, bake: float, gates: str | None,
+                    inconclusive: str):
+    from manifests.fleet_rollout import RolloutOptions
+    from manifests.gates import DEFAULT_GATES
+    from manifests.waves import DEFAULT_WAVES
+
+    return RolloutOptions(waves=waves or DEFAULT_WAVES, gates=gates or DEFAULT_GATES,
+                          groups=tuple(g for g in (groups or "").split(",") if g) or None,
+                          bake_s=bake, inconclusive=inconclusive)
 
 
 def view_table(view: dict) -> Table:
@@ -55,29 +79,22 @@ def start(
     bundle_url: str = typer.Option(..., "--bundle-url",
                                    help="Where agents fetch it (an `edgegen bundle serve`)."),
     consul: str = CONSUL, consul_token: str = TOKEN, consul_token_file: Path = TOKEN_FILE,
-    waves: str = typer.Option(None, "--waves", help="Cumulative wave sizes: counts or % "
-                              "(default 1,10%,50%,100%)."),
-    groups: str = typer.Option(None, "--groups", help="Only these groups (regions), in this "
-                               "order: eu-west,us-east."),
-    bake: float = typer.Option(60.0, "--bake", help="Seconds each wave's health is watched."),
-    gates: str = typer.Option(None, "--gates", help="e.g. 'error_rate<=0.05, ttft_p95<=2x, "
-                              "tokens_per_s>=0.5x' (x: relative to nodes on the old bundle)."),
+    waves: str = WAVES, groups: str = GROUPS, bake: float = BAKE, gates: str = GATES,
+    inconclusive: str = INCONCLUSIVE, prometheus: str = PROMETHEUS,
 ) -> None:
     """Pre-pull the bundle on every node, then switch wave by wave; a failed gate rolls every
     switched node back from its own disk and exits non-zero."""
     from edge_agent.bundle import open_bundle
-    from manifests.fleet_rollout import FleetRollout, RolloutOptions
-    from manifests.gates import DEFAULT_GATES
-    from manifests.waves import DEFAULT_WAVES
+    from manifests.fleet_metrics import PrometheusMetrics
+    from manifests.fleet_rollout import FleetRollout
 
     b = open_bundle(bundle)
-    options = RolloutOptions(waves=waves or DEFAULT_WAVES, gates=gates or DEFAULT_GATES,
-                             groups=tuple(g for g in (groups or "").split(",") if g) or None,
-                             bake_s=bake)
+    options = rollout_options(waves, groups, bake, gates, inconclusive)
     kv = _kv(consul, consul_token, consul_token_file)
     with Live(Table(title="rollout: planning"), console=console, refresh_per_second=4) as live:
         run = FleetRollout(kv, b.digest, bundle_url, options,
-                           progress=lambda v: live.update(view_table(v.to_dict())))
+                           progress=lambda v: live.update(view_table(v.to_dict())),
+                           metrics=PrometheusMetrics(prometheus) if prometheus else None)
         view = run.run()
     console.print(f"[green]rolled out[/] {b.name} {b.digest12} to "
                   f"{sum(1 for r in view.nodes.values() if r.state == 'switched')} nodes; "

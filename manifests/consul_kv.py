@@ -32,11 +32,15 @@ class Agent:
 
 
 class ConsulKV:
-    def __init__(self, address: str, token: str | None = None, timeout: float = 5.0):
+    def __init__(self, address: str, token: str | None = None, timeout: float = 5.0,
+                 http: httpx.Client | None = None):
+        """Consul at ``address``; or over ``http``, a client already pointed at it (the
+        Kubernetes API server's proxy to the cluster's Consul, ``KubeClient.proxy_client``)."""
         base = address if "://" in address else f"http://{address}"
-        headers = {"X-Consul-Token": token} if token else {}
         self.address = base.rstrip("/")
-        self._http = httpx.Client(base_url=self.address, headers=headers, timeout=timeout)
+        self._http = http or httpx.Client(base_url=self.address, timeout=timeout)
+        if token:
+            self._http.headers["X-Consul-Token"] = token
 
     def close(self) -> None:
         self._http.close()

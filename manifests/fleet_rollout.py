@@ -24,8 +24,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import httpx
-
 from edge_agent.desired import (
     CONTROL_KEY,
     LOCK_KEY,
@@ -38,14 +36,13 @@ from edge_agent.desired import (
 )
 from manifests.consul_kv import Agent, ConsulKV, RegistryUnreachable
 from manifests.errors import DeployError, RolloutFailed
+from manifests.fleet_metrics import MetricsSource, ScrapeMetrics
 from manifests.gates import (
     DEFAULT_GATES,
     GateError,
-    MetricsError,
     combine,
     decide,
     parse_gates,
-    parse_metrics,
     window,
 )
 from manifests.waves import (
@@ -71,6 +68,10 @@ class RolloutOptions:
     gates: str = DEFAULT_GATES
     min_requests: int = 5                   # fewer in a bake: extend it (up to max_extensions)
     max_extensions: int = 2
+    # A wave still unjudged after its extensions (too little traffic): "pause" waits for
+    # `rollout resume` (promote) or `abort` (roll back), as Argo Rollouts does with an
+    # inconclusive analysis; "promote" goes on; "fail" rolls back.
+    inconclusive: str = "pause"
     prepull_timeout: float = 1800.0
     switch_timeout: float = 180.0
     poll_s: float = 0.5
@@ -104,16 +105,24 @@ class RolloutView:
         return json.dumps(self.to_dict()).encode()
 
 
+INCONCLUSIVE = ("pause", "promote", "fail")
+
+
 class FleetRollout:
     def __init__(self, kv: ConsulKV, digest: str, url: str, options: RolloutOptions,
                  progress: Callable[[RolloutView], None] = lambda view: None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep,
+                 metrics: MetricsSource | None = None):
         self.kv, self.digest, self.url, self.opt = kv, digest, url, options
         try:   # bad input fails before anything is written
             self.gates = parse_gates(options.gates)
             parse_wave_spec(options.waves)
         except (GateError, PlanError) as exc:
             raise DeployError(str(exc)) from exc
+        if options.inconclusive not in INCONCLUSIVE:
+            raise DeployError(f"--inconclusive must be one of {', '.join(INCONCLUSIVE)}, not "
+                              f"{options.inconclusive!r}")
+        self.metrics = metrics or ScrapeMetrics()
         self.progress = progress
         self.sleep = sleep
         self.view = RolloutView(id=uuid.uuid4().hex[:12], digest=digest)
@@ -215,12 +224,30 @@ class FleetRollout:
         self._await_switch(online, started)
         record["switch_s"] = round(time.monotonic() - started, 1)
         decision = self._bake(online, baseline, record)
-        record["state"] = "promoted" if decision.state != "fail" else "failed"
         record["gates"] = decision.summary()
-        self._show()
-        if decision.state == "fail":
+        if decision.state == "pending":
+            self._inconclusive(name, record, decision.summary())
+        elif decision.state == "fail":
+            record["state"] = "failed"
+            self._show()
             raise RolloutFailed(f"wave {name} failed its gates on "
                                 f"{', '.join(online)}: {decision.summary()}")
+        record["state"] = "promoted"
+        self._show()
+
+    def _inconclusive(self, name: str, record: dict, summary: str) -> None:
+        """A wave the gates could not judge: never promoted silently unless asked to."""
+        record["state"] = "inconclusive"
+        if self.opt.inconclusive == "fail":
+            self._show()
+            raise RolloutFailed(f"wave {name} could not be judged: {summary}")
+        if self.opt.inconclusive == "pause":
+            log.warning("wave could not be judged; the rollout pauses",
+                        extra={"wave": name, "gates": summary})
+            record["gates"] = (f"{summary} -- paused: `edgegen rollout resume` promotes it, "
+                               "`edgegen rollout abort` rolls back")
+            self._retry(lambda: self.kv.put(CONTROL_KEY, b"pause"))
+            self._control()
 
     def _await_switch(self, nodes: list[str], started: float) -> None:
         pending = set(nodes)
@@ -331,24 +358,26 @@ class FleetRollout:
         return status is None or status.serving.startswith(self.digest)
 
     def _scrape(self, node: str):
+        """The node's counters now; None (no figures for this window) when unreadable."""
         agent = self.agents.get(node)
-        try:
-            text = httpx.get(agent.url + "/metrics", timeout=5).text if agent else None
-            return parse_metrics(text) if text else None
-        except (httpx.HTTPError, MetricsError):
-            return None   # a node that does not answer has no figures for this window
+        return self.metrics.snapshot(agent) if agent else None
 
     def _control(self) -> None:
         """Honour pause/resume/abort written to the control key."""
+        running = self.view.state
         while True:
             raw = self._retry(lambda: self.kv.get(CONTROL_KEY))
             command = (raw or b"").decode(errors="replace").strip()
             if command == "abort":
                 raise RolloutFailed("aborted by the user")
             if command != "pause":
+                if self.view.state != running:
+                    self.view.state = running
+                    self._show()
                 return
-            self.view.state = f"paused ({self.view.state})"
-            self._show()
+            if self.view.state == running:
+                self.view.state = f"paused ({running})"
+                self._show()
             self.sleep(self.opt.poll_s * 2)
 
     def _retry(self, call):

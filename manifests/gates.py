@@ -106,23 +106,34 @@ class GateDecision:
 
 def parse_metrics(text: str) -> MetricsSnapshot:
     """Read an agent's ``/metrics`` text; only generation endpoints count as requests."""
-    got = dict.fromkeys(("requests", "failed", *_PLAIN.values()), 0.0)
-    buckets: dict[float, float] = {}
     try:
-        for s in (s for family in text_string_to_metric_families(text) for s in family.samples):
-            if s.name in _PLAIN:
-                got[_PLAIN[s.name]] = s.value
-            elif s.name == _TTFT + "_bucket" and "le" in s.labels:
-                le = float(s.labels["le"])
-                buckets[le] = buckets.get(le, 0.0) + s.value
-            elif (s.name == "edgegen_requests_total"
-                  and s.labels.get("endpoint") in GENERATION_ENDPOINTS):
-                status = s.labels.get("status", "")
-                got["requests"] += s.value
-                got["failed"] += s.value if status.isdigit() and int(status) >= 500 else 0.0
+        return snapshot((s.name, s.labels, s.value)
+                        for family in text_string_to_metric_families(text)
+                        for s in family.samples)
     except ValueError as exc:
         raise MetricsError(f"not Prometheus text exposition: {exc}") from exc
+
+
+def snapshot(samples) -> MetricsSnapshot:
+    """One agent's counters from its samples, ``(name, labels, value)`` each: a scrape's, or
+    a Prometheus query's (``manifests.fleet_metrics``)."""
+    got = dict.fromkeys(("requests", "failed", *_PLAIN.values()), 0.0)
+    buckets: dict[float, float] = {}
+    for name, labels, value in samples:
+        if name in _PLAIN:
+            got[_PLAIN[name]] = value
+        elif name == _TTFT + "_bucket" and "le" in labels:
+            le = float(labels["le"])
+            buckets[le] = buckets.get(le, 0.0) + value
+        elif name == "edgegen_requests_total" and labels.get("endpoint") in GENERATION_ENDPOINTS:
+            status = labels.get("status", "")
+            got["requests"] += value
+            got["failed"] += value if status.isdigit() and int(status) >= 500 else 0.0
     return MetricsSnapshot(ttft_buckets=tuple(sorted(buckets.items())), **got)
+
+
+# The series ``snapshot`` reads, as one PromQL name matcher.
+SERIES = "|".join(("edgegen_requests_total", _TTFT + "_bucket", *_PLAIN))
 
 
 def window(before: MetricsSnapshot, after: MetricsSnapshot, seconds: float) -> Figures:

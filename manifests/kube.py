@@ -207,5 +207,33 @@ class KubeClient:
         finally:
             resp.response.release_conn()
 
+    def proxy_client(self, namespace: str, kind: str, name: str, port: int,
+                     timeout: float = 15.0):
+        """An ``httpx.Client`` whose base URL is the API server's proxy to a Service's or a
+        Pod's port (``/api/v1/namespaces/NS/services/NAME:PORT/proxy``), with this
+        connection's credentials and TLS settings: how the deploy reaches the cluster's
+        Consul and the agents' ``/metrics`` without a port-forward or a public address."""
+        import ssl
+
+        import httpx
+
+        plural = {"Service": "services", "Pod": "pods"}[kind]
+        c = self._api.configuration
+        verify: ssl.SSLContext | bool = False
+        if c.verify_ssl:
+            verify = ssl.create_default_context(cafile=c.ssl_ca_cert or None)
+            if c.cert_file:
+                verify.load_cert_chain(c.cert_file, c.key_file)
+
+        class _Bearer(httpx.Auth):   # read per request: the kubeconfig may refresh tokens
+            def auth_flow(self, request):
+                token = (c.auth_settings().get("BearerToken") or {}).get("value")
+                if token:
+                    request.headers["Authorization"] = token
+                yield request
+
+        base = f"{self.host}/api/v1/namespaces/{namespace}/{plural}/{name}:{port}/proxy"
+        return httpx.Client(base_url=base, auth=_Bearer(), verify=verify, timeout=timeout)
+
     def close(self) -> None:
         self._api.close()

@@ -70,9 +70,11 @@ def _field(path: str, node: Node) -> str:
     return fields[path]
 
 
-def container_env(container: dict, node: Node, overrides: dict) -> dict:
+def container_env(container: dict, node: Node, overrides: dict,
+                  configmaps: dict[str, dict] | None = None) -> dict:
     """The container's environment on ``node``: literal values expanded in order, fieldRefs
-    from the node, then ``overrides`` (what differs on one machine: ports, URLs, paths)."""
+    from the node, configMapKeyRefs from the rendered ``configmaps`` (name -> data), then
+    ``overrides`` (what differs on one machine: ports, URLs, paths)."""
     env: dict[str, str] = {}
     for e in container.get("env") or []:
         name = e["name"]
@@ -86,6 +88,13 @@ def container_env(container: dict, node: Node, overrides: dict) -> dict:
                 continue
             raise RenderError(f"--target local has no Secret {ref['name']} (key {ref['key']}) "
                               f"for {name}")
+        elif "configMapKeyRef" in e["valueFrom"]:
+            ref = e["valueFrom"]["configMapKeyRef"]
+            try:
+                env[name] = str((configmaps or {})[ref["name"]][ref["key"]])
+            except KeyError:
+                raise RenderError(f"no ConfigMap {ref['name']} (key {ref['key']}) for "
+                                  f"{name}") from None
         else:
             env[name] = _field(e["valueFrom"]["fieldRef"]["fieldPath"], node)
     return env
@@ -107,12 +116,14 @@ def node_processes(docs: list[dict], node: Node, port: int, overrides: dict,
     workload = (find(docs, "DaemonSet", "edgegen-edge") if node.tier == "edge"
                 else find(docs, "Deployment", "edgegen-central"))
     pod = workload["spec"]["template"]["spec"]
+    configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in docs
+                  if d["kind"] == "ConfigMap"}
     out = []
     for c in pod.get("initContainers") or []:
-        env = container_env(c, node, overrides)
+        env = container_env(c, node, overrides, configmaps)
         out.append(ProcessSpec(f"{node.name}/{c['name']}", _argv(c, env, edgegen), env, init=True))
     for c in pod["containers"]:
-        env = container_env(c, node, {**overrides, "EDGEGEN_PORT": port})
+        env = container_env(c, node, {**overrides, "EDGEGEN_PORT": port}, configmaps)
         argv = list(_argv(c, env, edgegen))
         if node.tier == "central":  # no GPU here: the central tier runs on the CPU
             argv[argv.index("--device") + 1] = "cpu"

@@ -41,8 +41,9 @@ class RolloutDecision:
     ready: int
 
 
-def node_state(pod: dict, target_digest: str, crash_restarts: int) -> NodeState:
-    """Classify one pod: is it on the target bundle, ready, still starting, or stuck?"""
+def node_state(pod: dict, target_digest: str | None, crash_restarts: int) -> NodeState:
+    """Classify one pod: is it on the target bundle (None: any), ready, still starting, or
+    stuck?"""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     status = pod.get("status") or {}
@@ -51,7 +52,7 @@ def node_state(pod: dict, target_digest: str, crash_restarts: int) -> NodeState:
                 for c in status.get("conditions") or [])
     node = spec.get("nodeName") or "(unscheduled)"
     name = meta.get("name", "")
-    if digest != target_digest:
+    if target_digest is not None and digest != target_digest:
         return NodeState(node, name, digest, ready, "old bundle")
     init = status.get("initContainerStatuses") or []
     main = status.get("containerStatuses") or []
@@ -71,13 +72,14 @@ def node_state(pod: dict, target_digest: str, crash_restarts: int) -> NodeState:
     return NodeState(node, name, digest, False, "pulling bundle" if pulling else "starting")
 
 
-def decide(daemonset: dict, pods: list[dict], target_digest: str, elapsed: float,
+def decide(daemonset: dict, pods: list[dict], target_digest: str | None, elapsed: float,
            timeout: float, crash_restarts: int = 2) -> RolloutDecision:
-    """Where the rollout of ``target_digest`` stands.
+    """Where the rollout of the DaemonSet's template (and ``target_digest``) stands.
 
     Complete: the controller has seen the new spec (observedGeneration), every scheduled
     node runs an updated pod (updatedNumberScheduled) and all are ready (numberReady), and
-    each pod carries the target digest. Failed: a pod with the new bundle crash-loops, or
+    each pod carries the target digest, when one is given (an edge template that names no
+    bundle: ``manifests.deploy``). Failed: a pod with the new bundle crash-loops, or
     ``timeout`` passed first; the failing nodes are those not ready on the new bundle.
     """
     meta = daemonset.get("metadata") or {}
@@ -104,12 +106,13 @@ def decide(daemonset: dict, pods: list[dict], target_digest: str, elapsed: float
         done = False
         reason = "no node runs a pod yet (desiredNumberScheduled is 0)"
     else:
-        on_target = [n for n in nodes if n.digest == target_digest and n.ready]
+        on_target = [n for n in nodes if n.ready and target_digest in (None, n.digest)]
         done = updated >= desired and ready >= desired and len(on_target) >= desired
         reason = f"{updated}/{desired} nodes updated, {ready}/{desired} ready"
     if done:
         return result(COMPLETE, f"all {desired} nodes ready on the new bundle")
     if elapsed >= timeout:
-        failing = tuple(n.node for n in nodes if not (n.digest == target_digest and n.ready))
+        failing = tuple(n.node for n in nodes
+                        if not (n.ready and target_digest in (None, n.digest)))
         return result(FAILED, f"timed out after {timeout:g}s: {reason}", failing)
     return result(PROGRESSING, reason)

@@ -21,8 +21,9 @@ def test_dry_run_prints_the_yaml(fake_bundle):
     assert r.exit_code == 0, r.output
     docs = list(yaml.safe_load_all(r.output))
     ds = next(d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "edgegen-edge")
-    assert ds["spec"]["template"]["metadata"]["annotations"]["edgegen.io/bundle-digest"] == \
-        fake_bundle.digest
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "2"
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "edgegen-bundle")
+    assert cm["data"]["bundle.digest"] == fake_bundle.digest
 
 
 def test_render_writes_a_folder(fake_bundle, tmp_path):

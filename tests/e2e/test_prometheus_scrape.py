@@ -10,6 +10,8 @@ import time
 import httpx
 import pytest
 
+from manifests.consul_kv import Agent
+from manifests.fleet_metrics import PrometheusMetrics, ScrapeMetrics
 from tests.e2e.agent_support import start_agent
 from tests.support.procs import EdgegenProcess, free_port, wait_http
 
@@ -87,6 +89,25 @@ def test_prometheus_scrapes_agent_and_router(tiny_genai_bundle, tmp_path):
         routed = wait_for(prom_url, "sum(edgegen_router_requests_total) >= 3")
         assert float(routed[0]["value"][1]) >= 3
         wait_for(prom_url, "edgegen_generated_tokens_total > 0")
+
+        # A rollout's health gates read the same counters from Prometheus (--prometheus) as
+        # from the agent's own page: the series are found by the instance it registered as.
+        row = Agent("edge-a", "eu", f"http://127.0.0.1:{agent.port}", "", True)
+        direct = ScrapeMetrics().snapshot(row)
+        via = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            via = PrometheusMetrics(prom_url).snapshot(row)
+            if via is not None and (via.requests, via.ttft_count) == \
+                    (direct.requests, direct.ttft_count):
+                break
+            time.sleep(0.5)
+        assert via is not None and via.requests == direct.requests >= 3
+        assert (via.failed, via.ttft_count, via.ttft_buckets, via.generated_tokens) == \
+            (direct.failed, direct.ttft_count, direct.ttft_buckets, direct.generated_tokens)
+        gone = Agent("edge-b", "eu", "http://127.0.0.1:9", "", True)
+        assert PrometheusMetrics(prom_url).snapshot(gone) is None   # never scraped: no figures
+        assert PrometheusMetrics(f"http://127.0.0.1:{free_port()}").snapshot(row) is None
     finally:
         if prom is not None:
             prom.terminate()

@@ -48,28 +48,33 @@ def test_deploy_applies_server_side_and_waits_for_every_node(fake, client):
                if r["method"] == "GET") or seen[0].state == "complete"
     rows = d.cluster_status(client, "edgegen")
     assert [(r.node, r.bundle, r.ready) for r in rows] == [
-        ("eu-1", f"smollm2 {A.digest[:12]}", True), ("us-1", f"smollm2 {A.digest[:12]}", True)]
+        ("eu-1", f"smollm2 {A.digest[:12]} (seed)", True),
+        ("us-1", f"smollm2 {A.digest[:12]} (seed)", True)]
 
 
-def test_new_bundle_rolls_out_and_history_is_kept(fake, client):
+def test_the_edge_template_names_no_bundle(fake, client):
+    """What lets a new bundle go out without restarting the edge: the DaemonSet's pods read
+    their first bundle from the ConfigMap, which a deploy changes only when it completed."""
     d.deploy(client, cfg(A), timeout=60)
-    d.deploy(client, cfg(B), timeout=60)
-    state = d.read_deployed(client, "edgegen")
-    assert state.config.bundle == B and state.history == [A]
-    ann = fake.obj(DS, "edgegen-edge")["spec"]["template"]["metadata"]["annotations"]
-    assert ann["edgegen.io/bundle-digest"] == B.digest
-
-
-def test_crash_looping_rollout_rolls_back_and_names_the_nodes(fake, client):
-    d.deploy(client, cfg(A), timeout=60)
-    fake.bad_digests.add(B.digest)
-    with pytest.raises(RolloutFailed, match="crash-looping") as exc:
-        d.deploy(client, cfg(B), timeout=60)
-    assert sorted(exc.value.failing_nodes) == ["eu-1", "us-1"]
-    assert "rolled back to smollm2 aaaaaaaaaaaa" in str(exc.value)
-    ann = fake.obj(DS, "edgegen-edge")["spec"]["template"]["metadata"]["annotations"]
-    assert ann["edgegen.io/bundle-digest"] == A.digest
+    tmpl = fake.obj(DS, "edgegen-edge")["spec"]["template"]
+    assert A.digest[:12] not in str(tmpl) and A.url not in str(tmpl)
+    cm = fake.obj("/api/v1/namespaces/edgegen/configmaps", "edgegen-bundle")
+    assert cm["data"]["bundle.url"] == A.url
+    assert cm["data"]["bundle.dir"] == f"smollm2/{A.digest[:12]}"
     assert d.read_deployed(client, "edgegen").config.bundle == A
+
+
+def test_a_new_bundle_needs_the_fleet_not_a_restart(fake, client):
+    d.deploy(client, cfg(A), timeout=60)
+    with pytest.raises(ClusterError, match="desired state"):
+        d.deploy(client, cfg(B), timeout=60)
+
+
+def test_crash_looping_first_deploy_names_the_nodes(fake, client):
+    fake.bad_digests.add(A.digest)
+    with pytest.raises(RolloutFailed, match="crash-looping") as exc:
+        d.deploy(client, cfg(A), timeout=60)
+    assert sorted(exc.value.failing_nodes) == ["eu-1", "us-1"]
 
 
 def test_timeout_fails_naming_unready_nodes(fake, client):
@@ -77,16 +82,6 @@ def test_timeout_fails_naming_unready_nodes(fake, client):
     with pytest.raises(RolloutFailed, match="timed out") as exc:
         d.deploy(client, cfg(A), timeout=2)
     assert sorted(exc.value.failing_nodes) == ["eu-1", "us-1"]
-
-
-def test_rollback_on_demand(fake, client):
-    d.deploy(client, cfg(A), timeout=60)
-    d.deploy(client, cfg(B), timeout=60)
-    target, decision = d.rollback(client, "edgegen", timeout=60)
-    assert target == A and decision.state == "complete"
-    assert d.read_deployed(client, "edgegen").config.bundle == A
-    with pytest.raises(ClusterError, match="no earlier bundle"):
-        d.rollback(client, "edgegen", timeout=60)
 
 
 def test_rollback_with_nothing_deployed(client):
@@ -110,8 +105,8 @@ def test_conflict_with_another_field_manager(fake, client):
     fake.set_owner(DS, "edgegen-edge", ".spec.updateStrategy.rollingUpdate.maxUnavailable",
                    "kubectl-edit")
     with pytest.raises(ApplyConflict, match='conflict with "kubectl-edit".*--force-conflicts'):
-        d.deploy(client, cfg(B, max_unavailable="2"), timeout=60)
-    d.deploy(client, cfg(B, max_unavailable="2"), timeout=60, force_conflicts=True)
+        d.deploy(client, cfg(A, max_unavailable="2"), timeout=60)
+    d.deploy(client, cfg(A, max_unavailable="2"), timeout=60, force_conflicts=True)
     assert fake.obj(DS, "edgegen-edge")["spec"]["updateStrategy"]["rollingUpdate"][
         "maxUnavailable"] == "2"
 

@@ -92,19 +92,28 @@ def test_edge_daemonset_carries_the_contract():
     ds = find(docs, "DaemonSet", "edgegen-edge")
     tmpl = ds["spec"]["template"]
     assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "2"
-    assert tmpl["metadata"]["annotations"]["edgegen.io/bundle-digest"] == BUNDLE.digest
     assert tmpl["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert tmpl["spec"]["nodeSelector"] == {"edgegen.io/tier": "edge"}
+    # the first bundle comes from the ConfigMap, resolved when a container starts
     init = tmpl["spec"]["initContainers"][0]
-    assert init["args"][:3] == ["bundle", "pull", BUNDLE.url]
+    assert init["args"][:3] == ["bundle", "pull", "$(EDGEGEN_BUNDLE_URL)"]
     agent = tmpl["spec"]["containers"][0]
+    for container in (init, agent):
+        refs = {e["name"]: e["valueFrom"]["configMapKeyRef"] for e in container["env"]
+                if "configMapKeyRef" in e.get("valueFrom", {})}
+        assert refs == {"EDGEGEN_BUNDLE_URL": {"name": "edgegen-bundle", "key": "bundle.url"},
+                        "EDGEGEN_BUNDLE_DIR": {"name": "edgegen-bundle", "key": "bundle.dir"}}
+    cm = find(docs, "ConfigMap", "edgegen-bundle")["data"]
+    assert cm["bundle.url"] == BUNDLE.url
+    assert cm["bundle.dir"] == f"{BUNDLE.name}/{BUNDLE.digest[:12]}"
     assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
     env = {e["name"]: e for e in agent["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert "topology.kubernetes.io/region" in env["EDGEGEN_REGION"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert tmpl["spec"]["volumes"][0]["hostPath"]["path"] == "/var/lib/edgegen/bundles"
-    assert f"$(EDGEGEN_STORE)/{BUNDLE.name}/{BUNDLE.digest[:12]}" in agent["args"]
+    assert "$(EDGEGEN_STORE)/$(EDGEGEN_BUNDLE_DIR)" in agent["args"]
+    assert "--follow" in agent["args"]
     for key in ("name", "instance", "component", "part-of", "version", "managed-by"):
         assert f"app.kubernetes.io/{key}" in ds["metadata"]["labels"]
 
@@ -120,13 +129,16 @@ def test_central_tier_asks_for_a_gpu():
     assert agent["args"][agent["args"].index("--tier") + 1] == "central"
 
 
-def test_a_new_bundle_changes_the_pod_template_and_keeps_history():
+def test_a_new_bundle_leaves_the_edge_pod_template_alone_and_keeps_history():
+    """K3s restarts nothing on a rollout: only the ConfigMap (and the central tier's
+    Deployment, a surge rolling update) name the bundle."""
     a = render(DeployConfig(bundle=BUNDLE))
     other = BundleRef("smollm2-135m-int8", "cd" * 32, "https://bundles.example/cd.tar")
     b = render(DeployConfig(bundle=other), history=[BUNDLE])
-    ta = find(a, "DaemonSet", "edgegen-edge")["spec"]["template"]
-    tb = find(b, "DaemonSet", "edgegen-edge")["spec"]["template"]
-    assert ta != tb
+    ta = find(a, "DaemonSet", "edgegen-edge")
+    tb = find(b, "DaemonSet", "edgegen-edge")
+    assert ta == tb
+    assert find(a, "Deployment", "edgegen-central") != find(b, "Deployment", "edgegen-central")
     cm = find(b, "ConfigMap", "edgegen-bundle")
     assert cm["data"]["bundle.digest"] == other.digest
     assert BUNDLE.digest in cm["metadata"]["annotations"]["edgegen.io/history"]

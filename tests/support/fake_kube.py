@@ -7,27 +7,39 @@ responses for the calls edgegen makes:
 - ``GET`` of an object (``404`` Status ``NotFound``), lists with ``labelSelector`` (equality
   and ``in (...)``) and ``fieldSelector=metadata.name=``, and ``watch=true`` streams of
   ``{"type", "object"}`` lines from a ``resourceVersion``, ended after ``timeoutSeconds``;
-- ``403 Forbidden`` Status for (verb, resource) pairs the test forbids.
+- ``403 Forbidden`` Status for (verb, resource) pairs the test forbids;
+- the API server's proxy to a Service's or a Pod's port
+  (``/api/v1/namespaces/NS/services/NAME:PORT/proxy/...``), forwarded to the URL a test maps
+  it to in ``proxies``; ``503 ServiceUnavailable`` when nothing answers there.
 
-A built-in DaemonSet "controller and kubelet" turns an applied edge DaemonSet into one pod per
-matching node and keeps the DaemonSet status (observedGeneration, desiredNumberScheduled,
-updatedNumberScheduled, numberReady) current; pods whose bundle digest is in ``bad_digests``
-crash-loop (``CrashLoopBackOff``), others become Ready after ``ready_delay`` seconds.
+A built-in DaemonSet "controller and kubelet" gives an applied edge DaemonSet one pod per
+matching node, replaces a pod only when the template changed (its ``controller-revision-hash``
+label), and keeps the DaemonSet status (observedGeneration, desiredNumberScheduled,
+updatedNumberScheduled, numberReady) current. A pod starts on the bundle its template's
+annotation names, or else the one the ``edgegen-bundle`` ConfigMap names when the pod is
+created (as the kubelet resolves ``configMapKeyRef`` at container start); pods on a digest in
+``bad_digests`` crash-loop (``CrashLoopBackOff``), others become Ready after ``ready_delay``.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import re
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+import httpx
 import yaml
 
 DIGEST = "edgegen.io/bundle-digest"
+STARTED_ON = "fake.edgegen.io/started-on"   # test-only: the bundle a pod's containers started on
+_PROXY = re.compile(r"^/api/v1/namespaces/([^/]+)/(services|pods)/(?:https?:)?([^/:]+):(\d+)"
+                    r"/proxy(/.*)?$")
 
 
 def _status(code: int, reason: str, message: str, details: dict | None = None) -> dict:
@@ -102,6 +114,7 @@ class FakeKube:
         self.requests: list[dict] = []
         self.forbidden: set[tuple[str, str]] = set()     # (verb, plural)
         self.bad_digests: set[str] = set()
+        self.proxies: dict[tuple[str, str, str, int], str] = {}   # (plural, ns, name, port)
         self.ready_delay = ready_delay
         self.nodes = nodes or []
         for n in self.nodes:
@@ -202,20 +215,30 @@ class FakeKube:
             return
         ns = ds["metadata"]["namespace"]
         tmpl = ds["spec"]["template"]
+        revision = hashlib.sha256(json.dumps(tmpl, sort_keys=True).encode()).hexdigest()[:10]
         selector = tmpl["spec"].get("nodeSelector") or {}
         nodes = [n for n in self.nodes
                  if all(n["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())]
-        digest = (tmpl["metadata"].get("annotations") or {}).get(DIGEST, "")
+        digest = (tmpl["metadata"].get("annotations") or {}).get(DIGEST) or \
+            ((self.obj(f"/api/v1/namespaces/{ns}/configmaps", "edgegen-bundle") or {})
+             .get("data") or {}).get("bundle.digest", "")
         pods_coll = f"/api/v1/namespaces/{ns}/pods"
         bad = digest in self.bad_digests
+        started = []
         for node in nodes:
             node_name = node["metadata"]["name"]
             pod_name = f"{name}-{node_name}"
+            old = self.obj(pods_coll, pod_name)
+            if old is not None and old["metadata"]["labels"].get(
+                    "controller-revision-hash") == revision:
+                continue   # the template did not change: the pod keeps running
             pod = {
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": pod_name, "namespace": ns,
-                             "labels": dict(tmpl["metadata"].get("labels") or {}),
-                             "annotations": dict(tmpl["metadata"].get("annotations") or {})},
+                "metadata": {"name": pod_name, "namespace": ns, "uid": str(uuid.uuid4()),
+                             "labels": {**(tmpl["metadata"].get("labels") or {}),
+                                        "controller-revision-hash": revision},
+                             "annotations": {**(tmpl["metadata"].get("annotations") or {}),
+                                             STARTED_ON: digest}},
                 "spec": {"nodeName": node_name},
                 "status": {"phase": "Pending", "podIP": "10.42.0.9",
                            "conditions": [{"type": "Ready", "status": "False"}],
@@ -225,26 +248,29 @@ class FakeKube:
                                                   "state": {"waiting": {"reason": "PodInitializing"}}}]},
             }
             self._store(pods_coll, pod_name, pod, "MODIFIED")
-        self._set_ds_status(collection, name, ds, len(nodes), 0)
-        time.sleep(self.ready_delay)
-        ready = 0
-        for node in nodes:
-            pod = self.obj(pods_coll, f"{name}-{node['metadata']['name']}")
-            if pod is None or (pod["metadata"]["annotations"] or {}).get(DIGEST) != digest:
+            started.append(pod_name)
+        self._set_ds_status(collection, name, ds, len(nodes), len(nodes) - len(started))
+        if started:
+            time.sleep(self.ready_delay)
+        for pod_name in started:
+            pod = self.obj(pods_coll, pod_name)
+            if pod is None or pod["metadata"]["labels"].get("controller-revision-hash") != revision:
                 continue
             st = pod["status"]
             st["initContainerStatuses"][0]["state"] = {"terminated": {"exitCode": 0}}
+            st["phase"] = "Running"
             if bad:
-                st["phase"] = "Running"
                 st["containerStatuses"][0].update(restartCount=3, state={"waiting": {
                     "reason": "CrashLoopBackOff",
                     "message": "back-off 40s restarting failed container=agent"}})
             else:
-                st["phase"] = "Running"
                 st["conditions"] = [{"type": "Ready", "status": "True"}]
                 st["containerStatuses"][0].update(state={"running": {}}, ready=True)
-                ready += 1
             self._store(pods_coll, pod["metadata"]["name"], pod, "MODIFIED")
+        ready = sum(1 for node in nodes if any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in ((self.obj(pods_coll, f"{name}-{node['metadata']['name']}") or {})
+                      .get("status") or {}).get("conditions") or []))
         current = self.obj(collection, name)
         if current and current["metadata"]["generation"] == ds["metadata"]["generation"]:
             self._set_ds_status(collection, name, current, len(nodes), ready)
@@ -316,6 +342,50 @@ class FakeKube:
                     return False
                 return True
 
+            def _proxy(self) -> bool:
+                """The API server's proxy to a Service or Pod port; True when it answered."""
+                m = _PROXY.match(urlparse(self.path).path)
+                if not m:
+                    return False
+                ns, plural, name, port, rest = m.groups()
+                fake.requests.append({"method": self.command, "path": self.path, "query": {}})
+                if not self._authorized("get" if self.command == "GET" else "create",
+                                        f"/api/v1/namespaces/{ns}/{plural}/proxy"):
+                    return True
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                target = fake.proxies.get((plural, ns, name, int(port)))
+                query = urlparse(self.path).query
+                try:
+                    if target is None:
+                        raise httpx.ConnectError("no endpoints")
+                    r = httpx.request(self.command, target + (rest or "/")
+                                      + (f"?{query}" if query else ""), content=body,
+                                      headers={k: v for k, v in self.headers.items()
+                                               if k.lower() in ("x-consul-token",
+                                                                "content-type")},
+                                      timeout=600)
+                except httpx.HTTPError:
+                    self._send(503, _status(503, "ServiceUnavailable",
+                                            f'no endpoints available for {plural[:-1]} "{name}"'))
+                    return True
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() in ("content-type", "x-consul-index", "x-consul-knownleader",
+                                     "x-consul-lastcontact"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+                return True
+
+            def do_PUT(self):
+                if not self._proxy():
+                    self._send(405, _status(405, "MethodNotAllowed", "PUT is not supported"))
+
+            def do_DELETE(self):
+                if not self._proxy():
+                    self._send(405, _status(405, "MethodNotAllowed", "DELETE is not supported"))
+
             def do_PATCH(self):
                 collection, name, q = self._route()
                 length = int(self.headers.get("Content-Length") or 0)
@@ -348,6 +418,8 @@ class FakeKube:
                 self._send(code, out)
 
             def do_GET(self):
+                if self._proxy():
+                    return
                 collection, name, q = self._route()
                 fake.requests.append({"method": "GET", "path": self.path, "query": q})
                 if not self._authorized("watch" if q.get("watch") else
