@@ -53,6 +53,10 @@ class ConsulKV:
         if r.status_code >= 500:
             raise RegistryUnreachable(f"consul at {self.address} answered {r.status_code}")
         if r.status_code in (401, 403):
+            status = _kubernetes_status(r)
+            if status is not None:   # the API server's proxy refused, before Consul
+                raise DeployError(f"the Kubernetes API server refused the request to Consul "
+                                  f"({r.status_code}): {status}")
             raise DeployError(f"consul at {self.address} refused the token ({r.status_code}): "
                               f"{r.text.strip()} -- the rollout needs key:write on edgegen/")
         return r
@@ -105,3 +109,14 @@ class ConsulKV:
         if r.status_code >= 400:
             raise DeployError(f"consul answered {r.status_code} to {r.request.method} "
                               f"{r.request.url.path}: {r.text.strip()[:200]}")
+
+
+def _kubernetes_status(r: httpx.Response) -> str | None:
+    """The message of a Kubernetes ``Status`` answer (from the API server's proxy), or None."""
+    try:
+        body = r.json()
+    except ValueError:
+        return None
+    if isinstance(body, dict) and body.get("kind") == "Status":
+        return str(body.get("message", ""))
+    return None

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from manifests import deploy as d
-from manifests.errors import RolloutFailed
+from manifests.errors import DeployError, RolloutFailed
 from manifests.fleet_rollout import RolloutOptions
 from manifests.kube import KubeClient
 from manifests.render import BundleRef, DeployConfig
@@ -164,3 +164,11 @@ def test_an_unreachable_consul_pauses_the_rollout_until_it_answers(fake, client,
     assert "error" not in result, result.get("error")
     assert result["view"].state == "complete"
     assert {n: node.serving for n, node in nodes.items()} == dict.fromkeys(NODES, B.digest)
+
+
+def test_rbac_without_the_proxy_subresource_is_explained(fake, client, fleet):
+    fake.forbidden.add(("get", "services/proxy"))
+    with pytest.raises(DeployError, match=r"Kubernetes API server refused the request to "
+                       r'Consul \(403\).*cannot get resource "services/proxy"'):
+        d.deploy(client, DeployConfig(bundle=B), timeout=60, fleet=access(client))
+    assert d.read_deployed(client, "edgegen").config.bundle == A

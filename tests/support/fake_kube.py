@@ -326,8 +326,8 @@ class FakeKube:
                     name = parts[head + 1]
                 return collection, name, q
 
-            def _authorized(self, verb, collection):
-                plural = collection.rsplit("/", 1)[-1]
+            def _authorized(self, verb, collection, plural=None):
+                plural = plural or collection.rsplit("/", 1)[-1]
                 if self.headers.get("Authorization") != "Bearer test-token":
                     self._send(401, _status(401, "Unauthorized", "Unauthorized"))
                     return False
@@ -349,8 +349,9 @@ class FakeKube:
                     return False
                 ns, plural, name, port, rest = m.groups()
                 fake.requests.append({"method": self.command, "path": self.path, "query": {}})
-                if not self._authorized("get" if self.command == "GET" else "create",
-                                        f"/api/v1/namespaces/{ns}/{plural}/proxy"):
+                verb = {"GET": "get", "PUT": "update", "DELETE": "delete"}[self.command]
+                if not self._authorized(verb, f"/api/v1/namespaces/{ns}/{plural}",
+                                        f"{plural}/proxy"):
                     return True
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 target = fake.proxies.get((plural, ns, name, int(port)))
