@@ -12,6 +12,7 @@ Objects are closed unless a schema says otherwise: an object with ``properties``
 requires and xgrammar's strict mode (vLLM's default) assumes. Left open, a small model fills
 an answer with keys nobody asked for (measured: SmolLM2 copies the tool's schema into its
 arguments). ``"strict": false`` on the format or function keeps the schema as written.
+Email addresses and host names keep their standards' length limits (``bounded_formats``).
 
 Limits: a schema is at most ``MAX_SCHEMA_BYTES`` of JSON, nested at most
 ``MAX_SCHEMA_DEPTH`` levels (objects and arrays).
@@ -73,6 +74,7 @@ def plan_output(req) -> OutputPlan | ErrorResult:
                 return problem
             if fmt.json_schema.strict is not False:
                 text_schema = closed_objects(text_schema)
+            text_schema = bounded_formats(text_schema)
         schemas.append((param, text_schema))
     tools = getattr(req, "tools", None) or []
     choice = getattr(req, "tool_choice", None)
@@ -103,6 +105,7 @@ def plan_output(req) -> OutputPlan | ErrorResult:
             return problem
         if tools[i].function.strict is not False:
             arguments = closed_objects(arguments)
+        arguments = bounded_formats(arguments)
         schemas.append((param, arguments))
         calls.append(f"call_{i}: {_literal(call_prefix(names[i]))} {lark_json(arguments)} "
                      f"{_literal(call_suffix())}")
@@ -140,30 +143,62 @@ _SCHEMA_MAPS = ("properties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_VALUES = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
 
 
-def closed_objects(schema: dict) -> dict:
-    """A copy of ``schema`` whose objects with ``properties`` allow no other keys unless they
-    say so. Members of ``allOf`` are left open: closing each would forbid the others' keys."""
-    def close(node, in_all_of=False):
+def _rewrite(schema: dict, visit) -> dict:
+    """A copy of ``schema`` where ``visit(node, in_all_of)`` has changed every subschema (each
+    a fresh dict), members of ``allOf`` told so."""
+    def walk(node, in_all_of=False):
         if isinstance(node, list):
-            return [close(item, in_all_of) for item in node]
+            return [walk(item, in_all_of) for item in node]
         if not isinstance(node, dict):
             return node
         out = dict(node)
-        if "properties" in out and not in_all_of and not any(k in out for k in _OPEN_KEYS):
-            out["additionalProperties"] = False
+        visit(out, in_all_of)
         for key in _SCHEMA_LISTS:
             if isinstance(out.get(key), list):
-                out[key] = close(out[key])
+                out[key] = walk(out[key])
         if isinstance(out.get("allOf"), list):
-            out["allOf"] = close(out["allOf"], in_all_of=True)
+            out["allOf"] = walk(out["allOf"], in_all_of=True)
         for key in _SCHEMA_MAPS:
             if isinstance(out.get(key), dict):
-                out[key] = {name: close(sub) for name, sub in out[key].items()}
+                out[key] = {name: walk(sub) for name, sub in out[key].items()}
         for key in _SCHEMA_VALUES:
             if isinstance(out.get(key), dict):
-                out[key] = close(out[key])
+                out[key] = walk(out[key])
         return out
-    return close(schema)
+    return walk(schema)
+
+
+def closed_objects(schema: dict) -> dict:
+    """A copy of ``schema`` whose objects with ``properties`` allow no other keys unless they
+    say so. Members of ``allOf`` are left open: closing each would forbid the others' keys."""
+    def close(node: dict, in_all_of: bool) -> None:
+        if "properties" in node and not in_all_of and not any(k in node for k in _OPEN_KEYS):
+            node["additionalProperties"] = False
+    return _rewrite(schema, close)
+
+
+# The length limits the standards put on these formats (RFC 5321 4.5.3.1: a mailbox's local
+# part at most 64 octets, the address at most 254 characters; RFC 1035: a host name at most
+# 253), which llguidance's format grammars leave out: (maxLength, pattern).
+_EMAIL = (254, "^[^@]{1,64}@")
+FORMAT_LIMITS = {"email": _EMAIL, "idn-email": _EMAIL, "hostname": (253, None),
+                 "idn-hostname": (253, None)}
+
+
+def bounded_formats(schema: dict) -> dict:
+    """A copy of ``schema`` whose email and host name strings keep their standards' length
+    limits. Unbounded, a small model that starts an email like a URL never reaches the ``@``
+    and writes until max_tokens (measured: SmolLM2, "www.example.com/john-john-..."); bounded,
+    the grammar brings the ``@`` within 64 characters. A pattern the schema has is kept."""
+    def bound(node: dict, _in_all_of: bool) -> None:
+        limits = FORMAT_LIMITS.get(node.get("format"))
+        if limits is None:
+            return
+        length, pattern = limits
+        node["maxLength"] = min(node.get("maxLength", length), length)
+        if pattern is not None and "pattern" not in node:
+            node["pattern"] = pattern
+    return _rewrite(schema, bound)
 
 
 def check_schema(schema, param: str) -> ErrorResult | None:

@@ -200,8 +200,10 @@ def test_langchain_bind_tools_returns_a_tool_call(stack, model):
 
 
 def answer(case: dict, url: str) -> tuple[str, dict]:
+    # 600 tokens: the longest answer (five attendees with digit-heavy emails, a digit per
+    # token) needs about 400
     body = {"model": "smollm2-int4", "messages": [{"role": "user", "content": case["prompt"]}], "temperature": 0,
-            "max_tokens": 300, "response_format": {"type": "json_schema", "json_schema": {
+            "max_tokens": 600, "response_format": {"type": "json_schema", "json_schema": {
                 "name": case["name"][:64], "schema": case["schema"], "strict": True}}}
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
     assert r.status_code == 200, r.text
@@ -209,22 +211,16 @@ def answer(case: dict, url: str) -> tuple[str, dict]:
 
 
 def test_the_validity_suite(stack):
-    """Every answer that finishes parses and validates against its schema; the rest say they
-    ran out of tokens (finish_reason "length"), never invalid JSON that claims to be done."""
+    """Every answer finishes, parses and validates against its schema (formats too)."""
     with ThreadPoolExecutor(4) as pool:   # decoded together: masks per sequence in a batch
         answers = list(pool.map(lambda c: answer(c, stack.router_url), CASES))
-    unfinished = []
+    assert len(CASES) >= 50
     for case, (name, choice) in zip(CASES, answers):
-        if choice["finish_reason"] == "length":
-            unfinished.append(name)
-            continue
-        assert choice["finish_reason"] == "stop", name
+        assert choice["finish_reason"] == "stop", (name, choice["message"]["content"][-200:])
         value = json.loads(choice["message"]["content"])
         jsonschema.Draft202012Validator(case["schema"], format_checker=jsonschema.FormatChecker()
                                         ).validate(value)
-    print(f"validity suite: {len(CASES) - len(unfinished)}/{len(CASES)} finished; "
-          f"ran out of tokens: {unfinished}")
-    assert len(CASES) >= 50 and len(unfinished) <= len(CASES) // 20
+    print(f"validity suite: {len(CASES)}/{len(CASES)} answers finished and valid")
 
 
 def test_concurrent_sampled_requests_each_follow_their_own_schema(stack):

@@ -28,6 +28,7 @@ from edge_agent.serving.structured import (
     MAX_SCHEMA_BYTES,
     MAX_SCHEMA_DEPTH,
     arguments_schema,
+    bounded_formats,
     closed_objects,
     compile_output,
     plan_output,
@@ -138,6 +139,42 @@ def test_tool_plans_follow_tool_choice():
 ])
 def test_objects_are_closed_unless_they_say_otherwise(schema, closed):
     assert closed_objects(schema) == closed
+
+
+EMAIL = {"type": "string", "format": "email", "maxLength": 254, "pattern": "^[^@]{1,64}@"}
+
+
+@pytest.mark.parametrize("schema, bounded", [
+    ({"type": "string", "format": "email"}, EMAIL),
+    ({"type": "string", "format": "email", "maxLength": 40},
+     {**EMAIL, "maxLength": 40}),
+    ({"type": "string", "format": "email", "pattern": "@corp[.]example$"},   # kept as written
+     {"type": "string", "format": "email", "pattern": "@corp[.]example$", "maxLength": 254}),
+    ({"type": "string", "format": "hostname"},
+     {"type": "string", "format": "hostname", "maxLength": 253}),
+    ({"$defs": {"p": {"properties": {"e": {"format": "idn-email"}}}},
+      "items": {"anyOf": [{"format": "email"}, {"type": "null"}]}},
+     {"$defs": {"p": {"properties": {"e": {"format": "idn-email", "maxLength": 254,
+                                          "pattern": "^[^@]{1,64}@"}}}},
+      "items": {"anyOf": [{"format": "email", "maxLength": 254, "pattern": "^[^@]{1,64}@"},
+                          {"type": "null"}]}}),
+    ({"type": "string", "format": "date-time"}, {"type": "string", "format": "date-time"}),
+])
+def test_emails_and_host_names_keep_their_standards_length_limits(schema, bounded):
+    assert bounded_formats(schema) == bounded
+
+
+def test_an_email_reaches_its_at_sign_within_64_characters(vocab, bpe_tokenizer):
+    """A model that never wants to write ``@`` (SmolLM2 writing an email like a URL): the
+    grammar brings it within the local part's 64 characters, and the answer ends."""
+    scores = np.zeros(bpe_tokenizer.get_vocab_size(), dtype=np.float32)
+    scores[bpe_tokenizer.token_to_id("a")] = 10.0
+    schema = {"type": "object", "properties": {"e": {"type": "string", "format": "email"}},
+              "required": ["e"]}
+    grammar = lark_grammar(plan(response_format=fmt(schema)).grammar)
+    email = json.loads(run_constrained(vocab, grammar, scores, steps=400))["e"]
+    local, _, domain = email.partition("@")
+    assert domain and 1 <= len(local) <= 64 and len(email) <= 254
 
 
 @pytest.mark.parametrize("parameters, schema", [
