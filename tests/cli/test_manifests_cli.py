@@ -65,3 +65,47 @@ def test_deploy_against_the_fake_api(fake_bundle, tmp_path):
         assert r.exit_code == 0 and "eu-1" in r.output and fake_bundle.digest12 in r.output
     finally:
         fk.stop()
+
+
+def test_a_second_deploy_rolls_out_through_consul_and_rollback_goes_back(fake_bundle, tmp_path):
+    """The K3s path after the first deploy, from the command line: the new bundle goes out in
+    waves through the cluster's Consul (a real registry behind the fake API server's service
+    proxy), `status` shows what each node's agent reports, and `rollback` goes back."""
+    from edge_agent.bundle import staging_dir, write_bundle
+    from tests.cloud_router.registry_support import start_registry
+    from tests.support.fake_nodes import FakeNode
+
+    stage = staging_dir(fake_bundle.path.parent.parent)
+    (stage / "model.onnx").write_bytes(b"another model")
+    second = write_bundle(stage, {**fake_bundle.manifest, "precision": "int4"},
+                          fake_bundle.path.parent.parent)
+    registry, consul = start_registry(tmp_path)
+    fk = FakeKube([edge_node("eu-1", "eu", "eu-a"), edge_node("us-1", "us", "us-a")]).start()
+    fk.proxies[("services", "consul", "consul-server", 8500)] = consul
+    nodes = []
+    try:
+        kc = fk.kubeconfig(tmp_path / "kc")
+        common = ["--kubeconfig", kc, "--timeout", "60"]
+        r = runner.invoke(app, ["deploy", str(fake_bundle.path), "--bundle-url",
+                                "https://b.example/x/", *common])
+        assert r.exit_code == 0, r.output
+        for name, region in (("eu-1", "eu"), ("us-1", "us")):
+            nodes.append(FakeNode(consul, name, region, fake_bundle.digest).start())
+            fk.proxies[("pods", "edgegen", f"edgegen-edge-{name}", 8000)] = nodes[-1].url
+        rollout = ["--waves", "1,100%", "--bake", "1", "--inconclusive", "fail"]
+        r = runner.invoke(app, ["deploy", str(second.path), "--bundle-url",
+                                "https://b.example/y/", *common, *rollout],
+                          env={"COLUMNS": "200"})
+        assert r.exit_code == 0, r.output
+        assert [n.serving for n in nodes] == [second.digest] * 2
+        r = runner.invoke(app, ["status", "--kubeconfig", kc], env={"COLUMNS": "200"})
+        assert r.exit_code == 0 and r.output.count(second.digest12) == 2, r.output
+        r = runner.invoke(app, ["rollback", *common, "--bake", "1"], env={"COLUMNS": "200"})
+        assert r.exit_code == 0, r.output
+        assert f"rolled back to tiny-test {fake_bundle.digest12}" in r.output
+        assert [n.serving for n in nodes] == [fake_bundle.digest] * 2
+    finally:
+        for n in nodes:
+            n.stop()
+        fk.stop()
+        registry.stop()
