@@ -305,6 +305,9 @@ class FleetRollout:
     def _rollback(self, reason: str) -> None:
         """Every switched node back to the bundle it served before, from its own disk."""
         self.view.state = "rolling back"
+        for wave in self.view.waves:   # a failed wave stays "failed": it names the cause
+            if wave["state"] not in ("waiting", "failed"):
+                wave["state"] = "rolled back"
         log.warning("rollout failed; rolling back", extra={"reason": reason})
         for node, old in self.switched.items():
             if old:

@@ -24,13 +24,6 @@ def fake():
     fk.stop()
 
 
-@pytest.fixture()
-def client(fake, tmp_path):
-    c = KubeClient.connect(fake.kubeconfig(tmp_path / "kubeconfig"))
-    yield c
-    c.close()
-
-
 def cfg(bundle=A, **kw):
     return DeployConfig(bundle=bundle, consul_address="http://consul:8500", **kw)
 

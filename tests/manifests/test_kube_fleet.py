@@ -14,7 +14,6 @@ import pytest
 from manifests import deploy as d
 from manifests.errors import DeployError, RolloutFailed
 from manifests.fleet_rollout import RolloutOptions
-from manifests.kube import KubeClient
 from manifests.render import BundleRef, DeployConfig
 from tests.cloud_router.registry_support import start_registry
 from tests.support.fake_kube import FakeKube, edge_node
@@ -44,13 +43,6 @@ def fake(registry):
     fk.proxies[("services", "consul", "consul-server", 8500)] = registry
     yield fk
     fk.stop()
-
-
-@pytest.fixture()
-def client(fake, tmp_path):
-    c = KubeClient.connect(fake.kubeconfig(tmp_path / "kubeconfig"))
-    yield c
-    c.close()
 
 
 @pytest.fixture()

@@ -86,6 +86,9 @@ def test_an_unjudged_wave_is_rolled_back_when_the_user_aborts(quiet_fleet):
     thread.join(20)
     assert errors and "aborted by the user" in str(errors[0])
     assert [n.serving for n in nodes] == [A, A]
+    view = json.loads(kv.get(STATE_KEY))
+    assert view["state"] == "rolled back"
+    assert [w["state"] for w in view["waves"]] == ["rolled back", "waiting"]
 
 
 def test_fail_rolls_an_unjudged_wave_back_and_promote_goes_on(quiet_fleet):
