@@ -154,7 +154,8 @@ def _split_configmap(docs: list[dict]) -> tuple[dict, list[dict]]:
     return cm, [d for d in docs if d is not cm]
 
 
-def _failed(what: str, decision: RolloutDecision, cfg: DeployConfig, back: str = "") -> RolloutFailed:
+def _failed(what: str, decision: RolloutDecision, cfg: DeployConfig,
+            back: str = "") -> RolloutFailed:
     pull_failed = any("bundle pull" in n.detail for n in decision.nodes)
     hint = (f" (the nodes could not pull {cfg.bundle.url}: is it reachable from the cluster?)"
             if pull_failed else "")

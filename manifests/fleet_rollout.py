@@ -5,7 +5,8 @@ or an abort, every switched node goes back to its last good bundle from its own 
 
 ``manifests.waves`` plans the waves and ``manifests.gates`` judges them (pure); this module is
 the loop between them and the fleet: Consul (``manifests.consul_kv``) and the agents'
-figures (``manifests.fleet_metrics``: their ``/metrics``, or Prometheus). Nothing restarts: agents fetch in the background and hot-swap.
+figures (``manifests.fleet_metrics``: their ``/metrics``, or Prometheus). Nothing
+restarts: agents fetch in the background and hot-swap.
 
 - One rollout at a time: ``edgegen/rollout/lock`` is taken with ``cas=0``; a second deploy is
   refused naming the running one.

@@ -11,7 +11,8 @@ for mod in ("edge_agent", "cloud_router", "exporters", "cli", "manifests", "onnx
             "onnxruntime_genai", "tokenizers", "fastapi", "uvicorn", "httpx", "paho.mqtt",
             "consul", "prometheus_client", "typer", "torch", "transformers", "optimum.onnxruntime",
             "onnx", "onnx_ir", "gguf", "accelerate", "kubernetes", "kubernetes_validate",
-            "openai", "pytest", "xdist", "importlinter", "jsonschema", "cryptography", "schemathesis",
+            "openai", "pytest", "xdist", "importlinter", "jsonschema", "cryptography",
+            "schemathesis",
             "sentence_transformers"):
     try:
         importlib.import_module(mod)

@@ -22,7 +22,8 @@ def test_dry_run_prints_the_yaml(fake_bundle):
     docs = list(yaml.safe_load_all(r.output))
     ds = next(d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "edgegen-edge")
     assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "2"
-    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "edgegen-bundle")
+    cm = next(d for d in docs
+              if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "edgegen-bundle")
     assert cm["data"]["bundle.digest"] == fake_bundle.digest
 
 

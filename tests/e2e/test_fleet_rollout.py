@@ -5,7 +5,9 @@ embedded registry, a bundle server, five `edgegen agent --follow` processes in t
 In order, on one fleet: int4 -> int8 wave by wave with no failed request; a rollout whose
 canary fails a gate stops there and rolls back from the node's own disk (the rollback names
 no URL: nothing can be downloaded); a node stopped during a rollout is deferred and catches
-up when it is started again. The timeline of each rollout is printed (pytest -s)."""
+up when it is started again; an abort; the registry stopped during a wave (the rollout waits,
+the agents serve on, and it completes once the registry is back). The timeline of each
+rollout is printed (pytest -s)."""
 
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ QUESTION = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens
 class Fleet:
     def __init__(self, tmp, store, first):
         self.tmp = tmp
-        self.registry, self.consul = start_registry(tmp, min_deregister_after=0.0)
+        self.registry_port = free_port()
+        self.registry, self.consul = self.start_registry()
         port = free_port()
         self.server = EdgegenProcess(["bundle", "serve", str(store), "--port", str(port)],
                                      tmp, "bundle-server")
@@ -55,6 +58,12 @@ class Fleet:
         self.router_url = f"http://127.0.0.1:{self.router_port}"
         wait_http(self.router_url + "/readyz", timeout=120, proc=self.router.proc)
         self.wait_endpoints({n for n, _ in NODES})
+
+    def start_registry(self):
+        """The registry keeps its state in a data dir, as a Consul server does across a
+        restart."""
+        return start_registry(self.tmp, port=self.registry_port, data_dir=self.tmp / "consul",
+                              name=f"registry-{int(time.time())}", min_deregister_after=0.0)
 
     def url(self, bundle) -> str:
         return f"{self.bundles}/{bundle.name}/{bundle.digest12}/"
@@ -264,3 +273,35 @@ def test_abort_rolls_the_switched_nodes_back(fleet, bundles):
     assert run.view.state == "rolled back"
     assert {fleet.serving(n) for n, _ in NODES} == {bundles["int4"].digest12}
     assert load.failed == 0, load.failures[:5]
+
+
+def test_a_registry_that_goes_away_mid_rollout_pauses_it_while_agents_serve(fleet, bundles):
+    run = rollout(fleet, bundles["int8"], bake_s=8.0)
+    outcome: dict = {}
+
+    def go():
+        try:
+            outcome["view"] = run.run()
+        except BaseException as exc:   # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    with Load(fleet) as load:
+        thread = threading.Thread(target=go, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 300
+        while not run.view.waves or "switch_s" not in run.view.waves[0]:
+            assert time.monotonic() < deadline and thread.is_alive(), "the canary never switched"
+            time.sleep(0.3)
+        fleet.registry.stop()                      # during the canary's bake
+        served = load.ok
+        time.sleep(8.0)
+        served_while_away = load.ok - served
+        assert thread.is_alive()                   # waiting, not failed
+        fleet.registry, _ = fleet.start_registry()
+        thread.join(300)
+    print("\n" + timeline(run.view) + f"\n  requests through the router: {load.ok} ok "
+          f"({served_while_away} while the registry was away), {load.failed} failed")
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["view"].state == "complete"
+    assert {fleet.serving(n) for n, _ in NODES} == {bundles["int8"].digest12}
+    assert served_while_away > 0 and load.failed == 0, load.failures[:5]

@@ -202,8 +202,9 @@ def test_langchain_bind_tools_returns_a_tool_call(stack, model):
 def answer(case: dict, url: str) -> tuple[str, dict]:
     # 600 tokens: the longest answer (five attendees with digit-heavy emails, a digit per
     # token) needs about 400
-    body = {"model": "smollm2-int4", "messages": [{"role": "user", "content": case["prompt"]}], "temperature": 0,
-            "max_tokens": 600, "response_format": {"type": "json_schema", "json_schema": {
+    body = {"model": "smollm2-int4", "temperature": 0, "max_tokens": 600,
+            "messages": [{"role": "user", "content": case["prompt"]}],
+            "response_format": {"type": "json_schema", "json_schema": {
                 "name": case["name"][:64], "schema": case["schema"], "strict": True}}}
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
     assert r.status_code == 200, r.text

@@ -68,7 +68,8 @@ def access(client, options=FAST, **kw) -> d.Fleet:
     return d.fleet_access(client, DeployConfig(bundle=A), options, **kw)
 
 
-def test_a_new_bundle_goes_out_in_waves_and_restarts_nothing_and_rolls_back(fake, client, fleet, registry):
+def test_a_new_bundle_goes_out_in_waves_and_restarts_nothing_and_rolls_back(fake, client, fleet,
+                                                                         registry):
     nodes, _, _ = fleet
     uids, generation = pods(fake), fake.obj(DS, "edgegen-edge")["metadata"]["generation"]
     views = []

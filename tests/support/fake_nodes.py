@@ -8,8 +8,8 @@ API. The real follower (``edge_agent.follower``) is tested with real agents in
   a digest in ``unfetchable``), report ``ready``; switch when told, keep the old digest as
   ``last_good``; report every step in ``edgegen/nodes/<node>/status``;
 - serve ``/metrics`` in Prometheus text, whose counters grow with time as if the node
-  answered ``rate`` requests a second (20 by default), with a time to first token of 2 s on a digest in ``slow``
-  and 50 ms otherwise.
+  answered ``rate`` requests a second (20 by default), with a time to first token of 2 s on
+  a digest in ``slow`` and 50 ms otherwise.
 """
 
 from __future__ import annotations
