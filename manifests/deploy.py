@@ -198,7 +198,8 @@ def deploy(client: KubeClient, cfg: DeployConfig, timeout: float = 600.0,
         return f"; {reason}, and the cluster's objects are back to the previous deploy"
 
     result: RolloutDecision | RolloutView
-    if _generation(client, cfg.namespace) != generation:
+    restarted = _generation(client, cfg.namespace) != generation
+    if restarted:
         # A changed setting (image, resources, ...) restarts the edge pods: watch them.
         result = wait_rollout(client, cfg.namespace, None, timeout, on_progress)
         if result.state != COMPLETE:
@@ -215,7 +216,7 @@ def deploy(client: KubeClient, cfg: DeployConfig, timeout: float = 600.0,
         except DeployError:    # refused before anything switched (another rollout runs)
             restore("nothing switched")
             raise
-    elif generation == _generation(client, cfg.namespace):
+    elif not restarted:   # nothing changed: confirm the pods are ready
         result = wait_rollout(client, cfg.namespace, None, timeout, on_progress)
     client.apply(configmap, force=force_conflicts)   # the record of a completed rollout
     return result
