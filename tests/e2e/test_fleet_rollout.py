@@ -191,6 +191,26 @@ def rollout(fleet, bundle, **options) -> FleetRollout:
     return FleetRollout(ConsulKV(fleet.consul), bundle.digest, fleet.url(bundle), opts)
 
 
+def run_until_the_canary_switched(run: FleetRollout) -> tuple[threading.Thread, dict]:
+    """``run.run()`` on a thread, returned once the canary has switched; the dict gets the
+    rollout's ``view`` or the ``error`` it raised."""
+    outcome: dict = {}
+
+    def go():
+        try:
+            outcome["view"] = run.run()
+        except BaseException as exc:   # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not run.view.waves or "switch_s" not in run.view.waves[0]:
+        assert time.monotonic() < deadline and thread.is_alive(), "the canary never switched"
+        time.sleep(0.3)
+    return thread, outcome
+
+
 def test_int4_to_int8_completes_wave_by_wave_with_no_failed_request(fleet, bundles):
     run = rollout(fleet, bundles["int8"])
     with Load(fleet) as load:
@@ -249,27 +269,14 @@ def test_a_node_stopped_during_a_rollout_catches_up_when_started(fleet, bundles)
 
 def test_abort_rolls_the_switched_nodes_back(fleet, bundles):
     run = rollout(fleet, bundles["int8"], bake_s=120.0)
-    outcome: list[BaseException] = []
-
-    def go():
-        try:
-            run.run()
-        except BaseException as exc:   # noqa: BLE001 - handed to the test
-            outcome.append(exc)
-
     with Load(fleet) as load:
-        thread = threading.Thread(target=go, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 300
-        while not run.view.waves or "switch_s" not in run.view.waves[0]:
-            assert time.monotonic() < deadline and thread.is_alive(), "the canary never switched"
-            time.sleep(0.3)
+        thread, outcome = run_until_the_canary_switched(run)
         r = subprocess.run([sys.executable, "-m", "cli.main", "rollout", "abort", "--consul",
                             fleet.consul], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         thread.join(300)
     print("\n" + timeline(run.view))
-    assert outcome and "aborted by the user" in str(outcome[0])
+    assert "aborted by the user" in str(outcome["error"])
     assert run.view.state == "rolled back"
     assert {fleet.serving(n) for n, _ in NODES} == {bundles["int4"].digest12}
     assert load.failed == 0, load.failures[:5]
@@ -277,21 +284,8 @@ def test_abort_rolls_the_switched_nodes_back(fleet, bundles):
 
 def test_a_registry_that_goes_away_mid_rollout_pauses_it_while_agents_serve(fleet, bundles):
     run = rollout(fleet, bundles["int8"], bake_s=8.0)
-    outcome: dict = {}
-
-    def go():
-        try:
-            outcome["view"] = run.run()
-        except BaseException as exc:   # noqa: BLE001 - handed to the test
-            outcome["error"] = exc
-
     with Load(fleet) as load:
-        thread = threading.Thread(target=go, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 300
-        while not run.view.waves or "switch_s" not in run.view.waves[0]:
-            assert time.monotonic() < deadline and thread.is_alive(), "the canary never switched"
-            time.sleep(0.3)
+        thread, outcome = run_until_the_canary_switched(run)
         fleet.registry.stop()                      # during the canary's bake
         served = load.ok
         time.sleep(8.0)
