@@ -21,6 +21,7 @@ from typing import Protocol
 import httpx
 
 from manifests.consul_kv import Agent
+from manifests.errors import ClusterError
 from manifests.gates import (
     SERIES,
     MetricsError,
@@ -57,8 +58,6 @@ class PodProxyMetrics:
         self.kube, self.namespace, self.port, self.selector = kube, namespace, port, pod_selector
 
     def snapshot(self, agent: Agent) -> MetricsSnapshot | None:
-        from manifests.errors import ClusterError
-
         try:
             pods = [p for p in self.kube.list("v1", "Pod", self.namespace, self.selector)
                     if (p.get("spec") or {}).get("nodeName") == agent.node]
