@@ -24,7 +24,9 @@ A step (``step``) decodes every sequence that has its prompt read, in one run, t
 chunk of one waiting prompt. While others decode, the chunk is sized so it takes about
 ``PREFILL_SHARE`` decode steps (measured rates), so running streams keep receiving tokens
 while a long prompt is read, as llama.cpp's and vLLM's chunked prefill do; a sequence whose
-prompt is not fully read yet gets no token from the step (``None``).
+prompt is not fully read yet gets no token from the step (``None``). A short prompt (a chat
+turn's new text after a cache hit, a device's question) is read whole: in pieces it would
+wait several steps for its first token, and small runs cost more per token than one run.
 
 Prefix cache. Whole-block prompt prefixes come from and go to the engine's ``PrefixCache``;
 only KV computed by prefill runs is cached (``_place`` says why). A reply, computed by decode
@@ -37,7 +39,6 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import time
 from collections import deque
 
@@ -55,6 +56,7 @@ from edge_agent.engine.base import (
     step_one,
 )
 from edge_agent.engine.ort import NUMPY_DTYPES, open_session, run_errors
+from edge_agent.engine.kv_rows import BatchRow, common_prefix, kv_buffer, prefilled
 from edge_agent.engine.prefix_cache import PrefixCache
 from edge_agent.engine.sampling import make_rng, pick
 from edge_agent.errors import GenerationError, ModelLoadError
@@ -66,33 +68,9 @@ MAX_PREFILL = 256       # tokens per prefill run: about the fastest here; bounds
                         # [tokens, vocab] of a bundle without the last-position graph
 MIN_PREFILL = 4         # the smallest chunk read while others decode (runs of 1 are decode)
 PREFILL_SHARE = 2.0     # a prompt chunk takes about this many decode steps' time
+WHOLE_PROMPT = 64       # a prompt with at most this many tokens left is read whole
 IDLE_CHUNK = 32         # tokens re-read per idle step: a request arriving waits at most this
 REREAD_QUEUE = 8        # finished conversations waiting to be re-read (the newest kept)
-
-
-class BatchRow:
-    """One sequence's place in the batch: its row, the tokens in its cache, its sampler."""
-
-    __slots__ = ("epoch", "index", "length", "rng", "salt")
-
-    def __init__(self, rng: np.random.Generator, salt: str | None):
-        self.index = -1       # -1: no row yet
-        self.length = 0       # positions of the row's KV that hold this sequence's tokens
-        self.rng = rng
-        self.salt = salt
-        self.epoch = None     # the prefix cache's epoch when placed (or its work queued)
-
-
-def kv_buffer(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A zeroed array in its own anonymous mapping, without transparent huge pages: with the
-    agent's huge pages (edge_agent.hugepages) a KV buffer is zero-filled 2 MB at a time where a
-    row is first written (0.55 s for a 1.2k-token prompt's, stalling every stream; 15 ms with
-    4 kB pages), and its RSS jumps by megabytes per row instead of growing with its use."""
-    size = max(1, int(np.prod(shape))) * np.dtype(dtype).itemsize
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
-        buf.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def _ema(old: float, new: float) -> float:
@@ -147,6 +125,9 @@ class BatchEngine(GenerationEngine):
         self._reread: deque[tuple[list[int], str | None, int]] = deque(maxlen=REREAD_QUEUE)
         self._idle: SequenceState | None = None  # the conversation being re-read
         self.rows: list[SequenceState] = []
+        # the prompt tokens whose prefill KV the row past the active ones (the next placed)
+        # still holds, as the last sequence there left it: a hit on them needs no copy
+        self._spare: list[int] = []
         self.kv = np.zeros((0,), dtype=self.kv_dtype)
         self._alloc(rows=4, capacity=_CHUNK)
 
@@ -166,7 +147,9 @@ class BatchEngine(GenerationEngine):
         if self._idle is not None:  # requests first: keep what the re-read has read so far
             self.release(self._idle)
             self._idle = None
-        decoding = [s for s in seqs if s.generated]
+        # in row order: the rows then need no rearranging (a finish moves one row, and
+        # putting the scheduler's order back swapped rows at every finish, ~6 % at 4 streams)
+        decoding = sorted((s for s in seqs if s.generated), key=lambda s: s.data.index)
         waiting = [s for s in seqs if not s.generated]
         tokens: dict[int, StepResult] = {id(s): None for s in waiting}
         if decoding:
@@ -193,6 +176,7 @@ class BatchEngine(GenerationEngine):
                 if len(history) // block > len(seq.prompt_ids) // block:
                     self._reread.append((history, row.salt, row.epoch))
             last = len(self.rows) - 1
+            self._spare = prefilled(self.rows[last])
             if row.index != last:
                 self._move(last, row.index)
             self.rows.pop()
@@ -228,6 +212,7 @@ class BatchEngine(GenerationEngine):
         self._bindings = {}
         self.kv = np.zeros((0,), dtype=self.kv_dtype)
         self.rows = []
+        self._spare = []
         self.prefix_cache.clear()
 
     # -- prompts ----------------------------------------------------------------------------
@@ -249,6 +234,8 @@ class BatchEngine(GenerationEngine):
         prompt = seq.prompt_ids
         if row.index < 0:
             self._place(seq)
+            if beside_decoding and len(prompt) - row.length <= WHOLE_PROMPT:
+                budget = None  # a short prompt is read whole (module docstring)
         while row.length < len(prompt):
             left = len(prompt) - row.length
             n = min(left, MAX_PREFILL if budget is None else budget)
@@ -278,12 +265,17 @@ class BatchEngine(GenerationEngine):
         again: a hit then gives the same logits, and the same greedy tokens, as no cache."""
         row: BatchRow = seq.data
         blocks = self.prefix_cache.lookup(seq.prompt_ids[:-2], row.salt)
-        cached = len(blocks) * self.prefix_cache.block_tokens
-        index = len(self.rows)
-        self._ensure(index + 1, len(seq.prompt_ids))
         block = self.prefix_cache.block_tokens
-        for i, kv in enumerate(blocks):
-            self.kv[:, index, :, i * block:(i + 1) * block] = kv
+        cached = len(blocks) * block
+        index = len(self.rows)
+        self._ensure(index + 1, len(seq.prompt_ids))  # a grown buffer has no spare (_alloc)
+        # blocks the row already holds, as the last sequence there read them, are not copied
+        # again (a chat's next turn on an idle agent: ~7 ms for a 1.2k-token head). They
+        # are equal to the cached ones: same tokens from the start, both read by prefill.
+        in_place = common_prefix(self._spare, seq.prompt_ids) // block
+        self._spare = []
+        for i in range(in_place, len(blocks)):
+            self.kv[:, index, :, i * block:(i + 1) * block] = blocks[i]
         row.index, row.length = index, cached
         row.epoch = self.prefix_cache.epoch if row.epoch is None else row.epoch
         seq.cached_tokens = cached
@@ -309,6 +301,7 @@ class BatchEngine(GenerationEngine):
             fresh[:, :n, :, :keep] = self.kv[:, :n, :, :keep]
         self.kv = fresh
         self._bindings = {}
+        self._spare = []  # only the active rows were kept
 
     def _ensure(self, rows: int, positions: int) -> None:
         cur_rows, cur_cap = self.kv.shape[1], self.kv.shape[3]

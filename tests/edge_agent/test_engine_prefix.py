@@ -258,3 +258,83 @@ def test_a_reset_requested_while_a_reread_is_placed_leaves_no_entry(tiny_genai_b
         assert len(engine.prefix_cache) == 0
     finally:
         engine.close()
+
+
+def _first_logits(engine, prompt, monkeypatch) -> np.ndarray:
+    """The logits the engine samples the first token of ``prompt`` from."""
+    import edge_agent.engine.batch as batch_module
+
+    seen: list[np.ndarray] = []
+
+    def recording(seq, logits, rng):
+        seen.append(np.array(logits))
+        return int(np.argmax(logits))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(batch_module, "pick", recording)
+        one(engine, prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    return seen[0]
+
+
+def test_the_row_a_sequence_left_is_taken_only_where_prefill_read_it(tiny_genai_bundle,
+                                                                    monkeypatch):
+    """The next sequence placed takes the row the last one left, and skips copying the
+    cached blocks the row already holds. The row's reply positions were computed by decode
+    runs, not prefill: where the cache holds those tokens from a prefill, its copy is used."""
+    engine = make("genai", tiny_genai_bundle)
+    plain = make("genai", tiny_genai_bundle, cache_mb=0)
+    try:
+        reply = generate(plain, [SYSTEM], SamplingParams(max_tokens=20, temperature=0.0,
+                                                         ignore_eos=True))[0]
+        one(engine, SYSTEM + reply, SamplingParams(max_tokens=1, temperature=0.0))
+        assert one(engine, SYSTEM, SamplingParams(max_tokens=20, temperature=0.0,
+                                                  ignore_eos=True))[0] == reply
+        # the row now holds SYSTEM (prefill) then the reply (decode); the cache holds both
+        # read by prefill; block 9 (positions 144-160) straddles the two
+        turn = SYSTEM + reply + QUESTIONS[0]
+        got = _first_logits(engine, turn, monkeypatch)
+        assert engine.rows == [] and len(engine.prefix_cache.lookup(turn, None)) >= 10
+        assert np.array_equal(got, _first_logits(plain, turn, monkeypatch))
+    finally:
+        engine.close()
+        plain.close()
+
+
+def test_a_grown_kv_buffer_leaves_no_row_to_take(tiny_genai_bundle, monkeypatch):
+    """A prompt longer than the buffer's positions grows it, and only the active rows move to
+    the new one: the row the last sequence left is gone, its blocks come from the cache."""
+    engine = make("genai", tiny_genai_bundle)
+    plain = make("genai", tiny_genai_bundle, cache_mb=0)
+    try:
+        one(engine, SYSTEM + QUESTIONS[0])
+        capacity = engine.kv.shape[3]
+        longer = SYSTEM + QUESTIONS[0] + [int(t) for t in RNG.integers(100, 40_000, capacity)]
+        got = _first_logits(engine, longer, monkeypatch)
+        assert engine.kv.shape[3] > capacity
+        assert np.array_equal(got, _first_logits(plain, longer, monkeypatch))
+    finally:
+        engine.close()
+        plain.close()
+
+
+def test_a_short_prompt_beside_decoding_is_read_in_one_step(tiny_genai_bundle):
+    """A device's question, or a chat turn whose history is cached, gets its first token
+    from the step that places it; a long prompt is still read in chunks (test above)."""
+    engine = make("genai", tiny_genai_bundle)
+    plain = make("genai", tiny_genai_bundle, cache_mb=0)
+    try:
+        one(engine, SYSTEM + QUESTIONS[1])        # the history a later turn sends again
+        running = engine.start(QUESTIONS[2], SamplingParams(max_tokens=500, temperature=0.0,
+                                                            ignore_eos=True))
+        running.generated.append(engine.step([running])[0])
+        for prompt in (QUESTIONS[1], SYSTEM + QUESTIONS[0]):
+            short = engine.start(prompt, GREEDY)
+            got_running, got_short = engine.step([running, short])
+            assert isinstance(got_running, int) and isinstance(got_short, int)
+            running.generated.append(got_running)
+            assert got_short == generate(plain, [prompt], GREEDY)[0][0]
+            engine.release(short)
+        engine.release(running)
+    finally:
+        engine.close()
+        plain.close()
