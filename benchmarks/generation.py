@@ -302,6 +302,41 @@ def agent_aggregate(agent: AgentProc, streams: int, runs: int) -> float:
     return statistics.median(asyncio.run(go()) for _ in range(runs))
 
 
+def step_times(bundle, threads: int, steps: int = 100) -> None:
+    """In-process decode steps of the agent's CPU engine at 1, 2, 4 and 8 rows (40-token
+    prompts, median of ``steps`` steps): the ceiling of the agent's aggregate tok/s."""
+    import numpy as np
+
+    from edge_agent.engine.base import SamplingParams
+    from edge_agent.engine.batch import BatchEngine
+
+    engine = BatchEngine(bundle, threads=threads)
+    rng = np.random.default_rng(0)
+    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+    print(f"{cpu_model()}, {len(os.sched_getaffinity(0))} usable cores, {threads} threads")
+    one_row = None
+    for rows in (1, 2, 4, 8):
+        seqs = [engine.start([int(t) for t in rng.integers(100, 40_000, 40)], params)
+                for _ in range(rows)]
+        for seq in seqs:  # each prompt read alone, then every row decodes in each step
+            while (token := engine.step([seq])[0]) is None:
+                pass
+            seq.generated.append(token)
+        took = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            for seq, token in zip(seqs, engine.step(seqs)):
+                seq.generated.append(token)
+            took.append(time.perf_counter() - t0)
+        for seq in seqs:
+            engine.release(seq)
+        step = statistics.median(took)
+        one_row = one_row or rows / step
+        print(f"  {rows} rows: step {step * 1000:.2f} ms, {rows / step:.0f} tok/s, "
+              f"{rows / step / one_row:.2f}x one row")
+    engine.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", type=Path, default=Path.home() / ".cache" / "edgegen" / "bench")
@@ -311,9 +346,14 @@ def main() -> None:
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--batch1-only", action="store_true",
                     help="only the alternating int4 batch-1 comparison, then its ratios")
+    ap.add_argument("--step-times", action="store_true",
+                    help="only the int4 engine's decode step time at 1, 2, 4 and 8 rows")
     args = ap.parse_args()
     t = args.threads
     b4 = bundle_for(args.store, "int4", "genai")
+    if args.step_times:
+        step_times(b4, t)
+        return
     b32 = bundle_for(args.store, "fp32", "genai")
     b8 = bundle_for(args.store, "int8", "optimum")
     rows: list[tuple[str, float, float, str]] = []
