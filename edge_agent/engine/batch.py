@@ -17,8 +17,8 @@ How the graph is driven (model.onnx from the genai builder, GroupQueryAttention)
 - KV lives in one buffer ``[2 x layers, rows, kv_heads, capacity, head_dim]``; the graph's
   ``past_key_values.<i>.key/value`` inputs and ``present.*`` outputs are bound (IO binding) to
   views of the same memory, which GQA detects and then writes only the new positions (no
-  per-step cache copy). The buffer grows in whole chunks of positions and rows as used.
-- Active rows are always ``[0, n)``: a finished row is replaced by the last one.
+  per-step cache copy). The buffer grows in whole chunks of positions and rows as used; its
+  rows are managed by ``kv_rows``.
 
 A step (``step``) decodes every sequence that has its prompt read, in one run, then reads a
 chunk of one waiting prompt. While others decode, the chunk is sized so it takes about
@@ -27,6 +27,8 @@ while a long prompt is read, as llama.cpp's and vLLM's chunked prefill do; a seq
 prompt is not fully read yet gets no token from the step (``None``). A short prompt (a chat
 turn's new text after a cache hit, a device's question) is read whole: in pieces it would
 wait several steps for its first token, and small runs cost more per token than one run.
+Short prompts waiting behind one read in a step are read in it too, up to ``MAX_PREFILL``
+tokens (vLLM's budget of tokens per step): requests arriving together then decode together.
 
 Prefix cache. Whole-block prompt prefixes come from and go to the engine's ``PrefixCache``;
 only KV computed by prefill runs is cached (``_place`` says why). A reply, computed by decode
@@ -55,8 +57,15 @@ from edge_agent.engine.base import (
     load_tokenizer,
     step_one,
 )
+from edge_agent.engine.kv_rows import (
+    BatchRow,
+    arrange_rows,
+    common_prefix,
+    kv_buffer,
+    move_row,
+    prefilled,
+)
 from edge_agent.engine.ort import NUMPY_DTYPES, open_session, run_errors
-from edge_agent.engine.kv_rows import BatchRow, common_prefix, kv_buffer, prefilled
 from edge_agent.engine.prefix_cache import PrefixCache
 from edge_agent.engine.sampling import make_rng, pick
 from edge_agent.errors import GenerationError, ModelLoadError
@@ -142,19 +151,19 @@ class BatchEngine(GenerationEngine):
 
     def step(self, seqs: list[SequenceState]) -> list[StepResult]:
         """Decode every sequence whose prompt is read (one run), then read a chunk of the first
-        waiting prompt. A failed decode run fails the step; a prompt's failure or one row's
-        sampler fails only that sequence."""
+        waiting prompt, and once it is read, the short prompts behind it. A failed decode run
+        fails the step; a prompt's failure or one row's sampler fails only that sequence."""
         if self._idle is not None:  # requests first: keep what the re-read has read so far
             self.release(self._idle)
             self._idle = None
         # in row order: the rows then need no rearranging (a finish moves one row, and
-        # putting the scheduler's order back swapped rows at every finish, ~6 % at 4 streams)
+        # putting the scheduler's order back swapped rows at every finish: ~3 % at 4 streams)
         decoding = sorted((s for s in seqs if s.generated), key=lambda s: s.data.index)
         waiting = [s for s in seqs if not s.generated]
         tokens: dict[int, StepResult] = {id(s): None for s in waiting}
         if decoding:
             with run_errors():
-                self._arrange(decoding)
+                arrange_rows(self.kv, self.rows, decoding)
                 logits = self._decode(decoding)
             for b, seq in enumerate(decoding):
                 tokens[id(seq)] = step_one(seq, lambda s, row=logits[b, -1]: pick(
@@ -163,6 +172,13 @@ class BatchEngine(GenerationEngine):
             budget = self._chunk_budget() if decoding else None
             tokens[id(waiting[0])] = step_one(waiting[0], lambda s: self._read_prompt(
                 s, budget, beside_decoding=bool(decoding)))
+            room = MAX_PREFILL  # short prompts behind a read one: vLLM's tokens per step
+            for seq in waiting[1:] if isinstance(tokens[id(waiting[0])], int) else ():
+                tokens[id(seq)] = step_one(seq, lambda s, room=room: self._read_short(
+                    s, room, beside_decoding=bool(decoding)))
+                if tokens[id(seq)] is None:
+                    break
+                room -= len(seq.prompt_ids) - seq.cached_tokens
         return [tokens[id(s)] for s in seqs]
 
     def release(self, seq: SequenceState) -> None:
@@ -178,7 +194,7 @@ class BatchEngine(GenerationEngine):
             last = len(self.rows) - 1
             self._spare = prefilled(self.rows[last])
             if row.index != last:
-                self._move(last, row.index)
+                move_row(self.kv, self.rows, last, row.index)
             self.rows.pop()
             row.index = -1
         seq.data = None  # the KV buffer keeps its pages: freeing them cost a long hit ~30 ms
@@ -255,6 +271,16 @@ class BatchEngine(GenerationEngine):
             return None
         return pick(seq, logits[0, -1], row.rng)
 
+    def _read_short(self, seq: SequenceState, room: int, *,
+                    beside_decoding: bool) -> int | None:
+        """Read ``seq``'s prompt whole if, after its cache hit, at most WHOLE_PROMPT tokens
+        (and ``room``) are left: its first token; else None, placed for a later step."""
+        if seq.data.index < 0:
+            self._place(seq)
+        if len(seq.prompt_ids) - seq.data.length > min(WHOLE_PROMPT, room):
+            return None
+        return self._read_prompt(seq, None, beside_decoding=beside_decoding)
+
     def _place(self, seq: SequenceState) -> None:
         """Give ``seq`` the next free row, filled with its prompt's cached prefix.
 
@@ -312,27 +338,6 @@ class BatchEngine(GenerationEngine):
                                   f"length {self.context_length}")
         cap = min(self.context_length, -(-max(positions, cur_cap) // _CHUNK) * _CHUNK)
         self._alloc(cur_rows if rows <= cur_rows else max(rows, 2 * cur_rows), max(cap, positions))
-
-    def _move(self, src: int, dst: int) -> None:
-        seq = self.rows[src]
-        n = seq.data.length
-        self.kv[:, dst, :, :n] = self.kv[:, src, :, :n]
-        self.rows[dst] = seq
-        seq.data.index = dst
-
-    def _arrange(self, decoding: list[SequenceState]) -> None:
-        """Put the sequences to decode in rows [0, len(decoding)), in that order."""
-        for b, seq in enumerate(decoding):
-            i = seq.data.index
-            if i == b:
-                continue
-            other = self.rows[b]
-            n = other.data.length
-            scratch = self.kv[:, b, :, :n].copy()  # swap rows b and i through a copy of b
-            self._move(i, b)
-            self.kv[:, i, :, :n] = scratch
-            self.rows[i] = other
-            other.data.index = i
 
     # -- runs -------------------------------------------------------------------------------
 

@@ -1,5 +1,9 @@
 """A sequence's place in the batch engine's shared KV buffer: its row record, the buffer's
-memory, and which of a row's positions a later prompt may take as they are."""
+memory, moving rows, and which of a row's positions a later prompt may take as they are.
+
+The buffer is ``[2 x layers, rows, kv_heads, capacity, head_dim]``. Active rows are always
+``[0, n)``, the engine's ``rows`` list in row order: a finished row is replaced by the last
+one, and a decode run takes the rows ``[0, len(decoding))``."""
 
 from __future__ import annotations
 
@@ -33,6 +37,32 @@ def kv_buffer(shape: tuple[int, ...], dtype) -> np.ndarray:
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
         buf.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def move_row(kv: np.ndarray, rows: list[SequenceState], src: int, dst: int) -> None:
+    """Copy row ``src``'s sequence, and the KV it holds, to row ``dst``."""
+    seq = rows[src]
+    n = seq.data.length
+    kv[:, dst, :, :n] = kv[:, src, :, :n]
+    rows[dst] = seq
+    seq.data.index = dst
+
+
+def arrange_rows(kv: np.ndarray, rows: list[SequenceState],
+                 decoding: list[SequenceState]) -> None:
+    """Put the sequences to decode in rows ``[0, len(decoding))``, in that order: a row
+    that is not decoded (its prompt is being read) is swapped out through a copy."""
+    for b, seq in enumerate(decoding):
+        i = seq.data.index
+        if i == b:
+            continue
+        other = rows[b]
+        n = other.data.length
+        scratch = kv[:, b, :, :n].copy()
+        move_row(kv, rows, i, b)
+        kv[:, i, :, :n] = scratch
+        rows[i] = other
+        other.data.index = i
 
 
 def prefilled(seq: SequenceState) -> list[int]:

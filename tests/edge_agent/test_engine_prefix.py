@@ -338,3 +338,26 @@ def test_a_short_prompt_beside_decoding_is_read_in_one_step(tiny_genai_bundle):
     finally:
         engine.close()
         plain.close()
+
+
+def test_short_prompts_arriving_together_are_read_in_one_step(tiny_genai_bundle):
+    """Requests that arrive together decode together: the short prompts behind the first are
+    read in its step (up to MAX_PREFILL tokens); a long one behind them waits for a later
+    step, and the running sequence gets its token in every step."""
+    engine = make("genai", tiny_genai_bundle, cache_mb=0)
+    plain = make("genai", tiny_genai_bundle, cache_mb=0)
+    try:
+        running = engine.start(QUESTIONS[2], SamplingParams(max_tokens=500, temperature=0.0,
+                                                            ignore_eos=True))
+        running.generated.append(engine.step([running])[0])
+        shorts = [engine.start(q, GREEDY) for q in QUESTIONS]
+        long = engine.start([int(t) for t in RNG.integers(100, 40_000, 300)], GREEDY)
+        got = engine.step([running, *shorts, long])
+        assert isinstance(got[0], int)
+        assert got[1:-1] == [generate(plain, [q], GREEDY)[0][0] for q in QUESTIONS]
+        assert got[-1] is None and long.data.length == 0      # placed, not read yet
+        for seq in (running, *shorts, long):
+            engine.release(seq)
+    finally:
+        engine.close()
+        plain.close()
