@@ -250,8 +250,9 @@ class BatchEngine(GenerationEngine):
         prompt = seq.prompt_ids
         if row.index < 0:
             self._place(seq)
-            if beside_decoding and len(prompt) - row.length <= WHOLE_PROMPT:
-                budget = None  # a short prompt is read whole (module docstring)
+        if beside_decoding and row.length == seq.cached_tokens \
+                and len(prompt) - row.length <= WHOLE_PROMPT:
+            budget = None  # a short prompt, not begun, is read whole (module docstring)
         while row.length < len(prompt):
             left = len(prompt) - row.length
             n = min(left, MAX_PREFILL if budget is None else budget)

@@ -105,7 +105,10 @@ def stream(fleet: Fleet, on_chunk=None) -> tuple[str, list[dict], str]:
 def test_greedy_streams_survive_their_edge_being_killed_twice(fleet):
     reference, ref_chunks, _ = stream(fleet)
     assert len(reference) > 100 and ref_chunks[-1]["usage"]["completion_tokens"] > KILL_AFTER
-    for round_ in range(2):
+    judged = rounds = 0
+    while judged < 2:
+        assert rounds < 4, "the registry failed the killed edge first in 3 of 4 rounds"
+        rounds += 1
         killed: list[str] = []
         after: list[dict | None] = []   # the killed edge's row as the next chunk arrives
 
@@ -117,8 +120,8 @@ def test_greedy_streams_survive_their_edge_being_killed_twice(fleet):
                 after.append(fleet.rows().get(node))
 
         text, chunks, node = stream(fleet, kill_serving)
-        assert killed == [node], f"round {round_}: the stream ended before the kill"
-        assert text == reference, f"round {round_}"
+        assert killed == [node], f"round {rounds}: the stream ended before the kill"
+        assert text == reference, f"round {rounds}"
         assert len({c["id"] for c in chunks}) == 1
         counts = ("prompt_tokens", "completion_tokens", "total_tokens")   # cached may differ
         assert [chunks[-1]["usage"][k] for k in counts] \
@@ -126,12 +129,16 @@ def test_greedy_streams_survive_their_edge_being_killed_twice(fleet):
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] \
             == [c["choices"][0]["finish_reason"] for c in ref_chunks if c["choices"]][-1]
         # noticed on the one broken stream: ejected at once, not after a run of failures,
-        # before the registry's health check has failed it (it is still in the table)
+        # before the registry's health check has failed it. Its check runs every 2 s, so now
+        # and then it fails the edge, and discovery drops it, before the resumed stream's next
+        # chunk: such a round says nothing about the router, and another is run.
         [row] = after
-        assert row is not None and row["state"] == "ejected", row
-        assert row["consecutive_failures"] == 1 and row["requests"] >= 1, row
+        if row is not None:
+            assert row["state"] == "ejected", row
+            assert row["consecutive_failures"] == 1 and row["requests"] >= 1, row
+            judged += 1
         fleet.start(node)
         fleet.wait_healthy({node}, timeout=120)   # listed again, its backoff over
     metrics = httpx.get(fleet.url + "/metrics").text
-    assert "edgegen_router_streams_resumed_total 2.0" in metrics
+    assert f"edgegen_router_streams_resumed_total {float(rounds)}" in metrics
     assert 'outcome="stream_broken"' not in metrics

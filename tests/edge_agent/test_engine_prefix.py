@@ -260,6 +260,31 @@ def test_a_reset_requested_while_a_reread_is_placed_leaves_no_entry(tiny_genai_b
         engine.close()
 
 
+
+def test_a_short_prompt_left_for_the_next_step_is_still_read_whole(tiny_genai_bundle):
+    """Short prompts beyond a step's 256 tokens are placed and left: the next step reads
+    the first of them whole, not in chunks."""
+    engine = make("genai", tiny_genai_bundle, cache_mb=0)
+    try:
+        running = engine.start(QUESTIONS[2], SamplingParams(max_tokens=500, temperature=0.0,
+                                                            ignore_eos=True))
+        running.generated.append(engine.step([running])[0])
+        shorts = [engine.start([int(t) for t in RNG.integers(100, 40_000, 60)], GREEDY)
+                  for _ in range(6)]               # 60 tokens each: 4 fit behind the first
+        got = engine.step([running, *shorts])
+        assert [isinstance(t, int) for t in got] == [True] * 6 + [False]
+        assert shorts[5].data.index >= 0 and shorts[5].data.length == 0
+        running.generated.append(got[0])
+        for seq, token in zip(shorts, got[1:6]):
+            seq.generated.append(token)
+        engine.chunk_tps, engine.decode_s = 100.0, 0.01   # rates that make chunks of 4 tokens
+        got = engine.step([running, *shorts])
+        assert all(isinstance(t, int) for t in got)  # the last one too, read whole
+        for seq in (running, *shorts):
+            engine.release(seq)
+    finally:
+        engine.close()
+
 def _first_logits(engine, prompt, monkeypatch) -> np.ndarray:
     """The logits the engine samples the first token of ``prompt`` from."""
     import edge_agent.engine.batch as batch_module
