@@ -17,7 +17,9 @@ if [ "${1:-}" = fast ]; then
 fi
 status=0
 for layer in "${layers[@]}"; do
+    # --durations: each layer lists its slowest tests, to keep the suite's time in view
     if [ "$layer" = fast ]; then select=(-m "not slow" -n 3); else select=(-m slow); fi
+    select+=(--durations=20)
     echo "== the $layer layer: pytest ${select[*]} $*" >&2
     rc=0
     .venv/bin/python -m pytest "${select[@]}" "$@" || rc=$?
