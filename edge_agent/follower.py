@@ -99,6 +99,7 @@ class DesiredStateFollower:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        await self.kv.close()
 
     async def _run(self) -> None:
         index, backoff, reported = None, 0.0, False

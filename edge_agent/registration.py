@@ -23,7 +23,9 @@ import logging
 import random
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import consul
+import consul.aio
 import requests
 
 from edge_agent.bundle import Bundle
@@ -92,11 +94,11 @@ def registration_payload(settings: AgentSettings, bundle: Bundle) -> dict:
     }
 
 
-def _client(url: str, timeout: float, token: str | None = None) -> consul.Consul:
+def _client(url: str, timeout: float, token: str | None = None, *,
+            kind: type[consul.base.Consul] = consul.Consul) -> consul.base.Consul:
     parts = urlsplit(url if "://" in url else f"http://{url}")
-    client = consul.Consul(host=parts.hostname or "127.0.0.1", port=parts.port or 8500,
-                           scheme=parts.scheme or "http", token=token,
-                           connections_timeout=timeout)
+    client = kind(host=parts.hostname or "127.0.0.1", port=parts.port or 8500,
+                  scheme=parts.scheme or "http", token=token, connections_timeout=timeout)
     # py-consul prefers $CONSUL_HTTP_TOKEN over the token it is given; the settings already
     # resolved the environment and the token file, so theirs is the token.
     client.token = token
@@ -249,7 +251,11 @@ def _failure_state(exc: RegistrationError) -> str:
 
 class ConsulKV:
     """The fleet's desired state in Consul's KV store: one agent's reads (blocking queries)
-    and writes of its own keys. Errors are RegistrationErrors, as registration's are."""
+    and writes of its own keys. Errors are RegistrationErrors, as registration's are.
+
+    It uses py-consul's asyncio client, so that stopping the agent ends a blocking query at
+    once: in a worker thread, the query held the process's exit for up to ``wait_s`` (the
+    interpreter waits for its threads), past ``edgegen``'s and a pod's grace period."""
 
     def __init__(self, settings: AgentSettings, *, wait_s: float = 30.0,
                  request_timeout: float = 2.0):
@@ -258,22 +264,31 @@ class ConsulKV:
         self.settings = settings
         self.wait_s = wait_s
         # a blocking query holds the connection for up to wait_s (plus Consul's jitter)
-        self._consul = _client(settings.consul, wait_s + wait_s / 16 + request_timeout,
-                               settings.consul_token)
+        self._timeout = wait_s + wait_s / 16 + request_timeout
+        self._consul: consul.aio.Consul | None = None  # made in the loop, on first use
 
     async def get(self, key: str, index: int | None = None) -> tuple[int, bytes | None]:
         """(the KV index, the key's value or None when it is missing); with ``index``, waits
         up to ``wait_s`` for the key to change past it."""
         wait = f"{int(self.wait_s)}s" if index else None
-        idx, entry = await self._call(self._consul.kv.get, key, index=index, wait=wait)
+        idx, entry = await self._call(lambda kv: kv.get(key, index=index, wait=wait))
         value = entry.get("Value") if isinstance(entry, dict) else None
         return int(idx or 0), value
 
     async def put(self, key: str, value: bytes) -> bool:
-        return bool(await self._call(self._consul.kv.put, key, value))
+        return bool(await self._call(lambda kv: kv.put(key, value)))
 
-    async def _call(self, fn, *args, **kwargs):
+    async def close(self) -> None:
+        if self._consul is not None:
+            client, self._consul = self._consul, None
+            await client.close()
+
+    async def _call(self, request):
+        if self._consul is None:
+            self._consul = _client(self.settings.consul, self._timeout,
+                                   self.settings.consul_token, kind=consul.aio.Consul)
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        except (consul.ConsulException, requests.RequestException, OSError) as exc:
-            raise RegistrationError(f"consul KV at {self.settings.consul}: {exc}") from exc
+            return await request(self._consul.kv)
+        except (TimeoutError, consul.ConsulException, aiohttp.ClientError, OSError) as exc:
+            raise RegistrationError(f"consul KV at {self.settings.consul}: "
+                                    f"{exc or type(exc).__name__}") from exc

@@ -54,6 +54,14 @@ def one(engine, prompt, params=GREEDY, salt=None):
         engine.release(seq)
 
 
+def decoding(engine, prompt):
+    """A sequence with its prompt read and its first token out: one that decodes in the
+    following steps, for 500 tokens."""
+    seq = engine.start(prompt, SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
+    seq.generated.append(engine.step([seq])[0])
+    return seq
+
+
 def test_a_hit_gives_the_tokens_of_no_cache(engines):
     cached, plain = engines
     for question in QUESTIONS:
@@ -188,9 +196,7 @@ def test_a_long_prompt_is_read_in_chunks_while_others_decode(tiny_genai_bundle):
     engine = make("genai", tiny_genai_bundle, cache_mb=0)
     plain = make("genai", tiny_genai_bundle, cache_mb=0)
     try:
-        running = engine.start(QUESTIONS[1], SamplingParams(max_tokens=500, temperature=0.0,
-                                                            ignore_eos=True))
-        running.generated.append(engine.step([running])[0])
+        running = decoding(engine, QUESTIONS[1])
         long = engine.start([int(t) for t in RNG.integers(100, 40_000, 600)], GREEDY)
         steps_without_first_token = 0
         while not long.generated:
@@ -213,9 +219,7 @@ def test_a_long_prompt_is_read_in_chunks_while_others_decode(tiny_genai_bundle):
 def test_a_reset_leaves_no_entry_of_a_request_admitted_before_it(tiny_genai_bundle):
     engine = make("genai", tiny_genai_bundle)
     try:
-        running = engine.start(QUESTIONS[1], SamplingParams(max_tokens=500, temperature=0.0,
-                                                            ignore_eos=True))
-        running.generated.append(engine.step([running])[0])
+        running = decoding(engine, QUESTIONS[1])
         long = engine.start(SYSTEM + QUESTIONS[0], GREEDY)
         assert engine.step([running, long])[1] is None    # its first chunk is read
         engine.prefix_cache.request_reset()               # e.g. from the admin endpoint
@@ -266,9 +270,7 @@ def test_a_short_prompt_left_for_the_next_step_is_still_read_whole(tiny_genai_bu
     the first of them whole, not in chunks."""
     engine = make("genai", tiny_genai_bundle, cache_mb=0)
     try:
-        running = engine.start(QUESTIONS[2], SamplingParams(max_tokens=500, temperature=0.0,
-                                                            ignore_eos=True))
-        running.generated.append(engine.step([running])[0])
+        running = decoding(engine, QUESTIONS[2])
         shorts = [engine.start([int(t) for t in RNG.integers(100, 40_000, 60)], GREEDY)
                   for _ in range(6)]               # 60 tokens each: 4 fit behind the first
         got = engine.step([running, *shorts])
@@ -349,9 +351,7 @@ def test_a_short_prompt_beside_decoding_is_read_in_one_step(tiny_genai_bundle):
     plain = make("genai", tiny_genai_bundle, cache_mb=0)
     try:
         one(engine, SYSTEM + QUESTIONS[1])        # the history a later turn sends again
-        running = engine.start(QUESTIONS[2], SamplingParams(max_tokens=500, temperature=0.0,
-                                                            ignore_eos=True))
-        running.generated.append(engine.step([running])[0])
+        running = decoding(engine, QUESTIONS[2])
         for prompt in (QUESTIONS[1], SYSTEM + QUESTIONS[0]):
             short = engine.start(prompt, GREEDY)
             got_running, got_short = engine.step([running, short])
@@ -372,9 +372,7 @@ def test_short_prompts_arriving_together_are_read_in_one_step(tiny_genai_bundle)
     engine = make("genai", tiny_genai_bundle, cache_mb=0)
     plain = make("genai", tiny_genai_bundle, cache_mb=0)
     try:
-        running = engine.start(QUESTIONS[2], SamplingParams(max_tokens=500, temperature=0.0,
-                                                            ignore_eos=True))
-        running.generated.append(engine.step([running])[0])
+        running = decoding(engine, QUESTIONS[2])
         shorts = [engine.start(q, GREEDY) for q in QUESTIONS]
         long = engine.start([int(t) for t in RNG.integers(100, 40_000, 300)], GREEDY)
         got = engine.step([running, *shorts, long])

@@ -43,6 +43,9 @@ class MemoryKV:
                 pass
         return self.index, self.values.get(key)
 
+    async def close(self):
+        self.closed = True
+
     async def put(self, key, value):
         if self.down:
             raise RegistrationError("consul at test: connection refused")

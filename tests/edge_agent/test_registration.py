@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from edge_agent.bundle import Bundle
-from edge_agent.registration import ConsulRegistration, registration_payload
+from edge_agent.errors import RegistrationError
+from edge_agent.registration import ConsulKV, ConsulRegistration, registration_payload
 from edge_agent.settings import AgentSettings
 from tests.cloud_router.registry_support import ReadyServer, start_registry
 from tests.support.procs import free_port
@@ -173,3 +174,47 @@ def test_stop_is_bounded_when_the_registry_is_gone(ready):
         return time.monotonic() - t0
 
     assert asyncio.run(scenario()) < 3.0
+
+
+def test_the_kv_client_reads_writes_and_stops_a_blocking_query_at_once(tmp_path):
+    """The follower's KV client against a real registry: a write moves the index, a blocking
+    read returns on a change, and an agent that stops during a blocking read exits at once.
+    The read ran in a worker thread before, and the interpreter waited for it at exit: up to
+    30 s, so ``edgegen agent --follow`` outlived its stop timeout and was SIGKILLed."""
+    proc, url = start_registry(tmp_path)
+
+    async def scenario():
+        kv = ConsulKV(settings(url, 1), wait_s=30.0)
+        assert await kv.put("edgegen/nodes/n1/desired", b"v1")
+        index, value = await kv.get("edgegen/nodes/n1/desired")
+        assert value == b"v1"
+
+        async def write_soon():
+            await asyncio.sleep(0.3)
+            await kv.put("edgegen/nodes/n1/desired", b"v2")
+        writer = asyncio.create_task(write_soon())
+        new_index, value = await kv.get("edgegen/nodes/n1/desired", index)  # blocks until v2
+        await writer
+        assert (value, new_index > index) == (b"v2", True)
+
+        blocked = asyncio.create_task(kv.get("edgegen/nodes/n1/desired", new_index))
+        await asyncio.sleep(0.3)
+        blocked.cancel()                  # the follower's stop
+        await asyncio.gather(blocked, return_exceptions=True)
+        await kv.close()
+
+    async def read_from_nobody():
+        kv = ConsulKV(settings(url, 1))
+        try:
+            await kv.get("edgegen/nodes/n1/desired")
+        finally:
+            await kv.close()
+
+    try:
+        t0 = time.monotonic()
+        asyncio.run(scenario())           # returns only when no thread holds a query
+        assert time.monotonic() - t0 < 10
+    finally:
+        proc.stop()
+    with pytest.raises(RegistrationError, match="consul KV at"):
+        asyncio.run(read_from_nobody())   # the registry is gone
