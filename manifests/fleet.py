@@ -197,26 +197,8 @@ class Fleet:
         rp = self._spawn("router", rspec.argv, {**rspec.env, **no_secret_files})
         self.router_url = f"http://127.0.0.1:{o.router_port}"
         self._wait_http("router", f"{self.router_url}/readyz", rp, 120)
-        self._wait_routed({node.name for node, _, _ in started}, rp, 60)
         say(f"router    {self.router_url}")
         return self
-
-    def _wait_routed(self, nodes: set[str], proc: subprocess.Popen, timeout: float) -> None:
-        """Until the router routes to every agent: listed, and its fleet key verified where
-        the fleet has one. The router is ready with one endpoint; a fleet is up with all."""
-        deadline, routed = time.monotonic() + timeout, set()
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                rows = httpx.get(f"{self.router_url}/edgegen/v1/endpoints",
-                                 timeout=2).json()["endpoints"]
-                routed = {r["node"] for r in rows if r.get("identity", "verified") == "verified"}
-            except (httpx.HTTPError, ValueError, KeyError, TypeError):
-                pass
-            if routed >= nodes:
-                return
-            time.sleep(0.2)
-        raise LocalFleetError(f"the router does not route to {', '.join(sorted(nodes - routed))} "
-                              f"after {timeout:.0f}s:\n{self.log_tail('router')}")
 
     def _wait_tcp(self, name: str, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -2,12 +2,7 @@
 that stays up (the "try it" commands) or stops after the demo (none). The whole fleet runs
 for real in tests/e2e/test_up.py."""
 
-import http.server
-import json
 import signal
-import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +12,6 @@ from typer.testing import CliRunner
 from cli.main import app
 from edge_agent.bundle import staging_dir, write_bundle
 from manifests import demo, fleet
-from manifests.errors import LocalFleetError
 from manifests.render import BundleRef
 
 MANIFEST = {
@@ -135,40 +129,3 @@ def test_a_fleet_never_deletes_a_workdir_it_was_given(tmp_path):
     f.temporary = False
     f.stop()
     assert (f.workdir / "nodes" / "edge-1" / "bundles" / "model.onnx").exists()
-
-
-def test_a_fleet_is_up_when_the_router_routes_to_every_agent(tmp_path):
-    """The router is ready with one endpoint; the fleet waits until it routes to all (listed,
-    fleet key verified), and names the agents it never routes to."""
-    rows: list[dict] = [{"node": "edge-1", "identity": "verified"}]
-
-    class Endpoints(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"endpoints": rows}).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endpoints)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    router = subprocess.Popen(["sleep", "60"])
-    try:
-        f = fleet_workdir(tmp_path)
-        f.router_url = f"http://127.0.0.1:{server.server_address[1]}"
-        threading.Timer(0.5, lambda: rows.append(
-            {"node": "central-1", "identity": "verified"})).start()
-        started = time.monotonic()
-        f._wait_routed({"edge-1", "central-1"}, router, timeout=10)
-        assert time.monotonic() - started >= 0.4            # it waited for central-1
-        rows.append({"node": "edge-2", "identity": "unverified"})
-        with pytest.raises(LocalFleetError, match="does not route to edge-2, edge-3"):
-            f._wait_routed({"edge-1", "edge-2", "edge-3"}, router, timeout=1)
-    finally:
-        router.kill()
-        router.wait()
-        server.shutdown()
