@@ -6,6 +6,7 @@ key."""
 from __future__ import annotations
 
 import stat
+import time
 from pathlib import Path
 
 import httpx
@@ -39,10 +40,17 @@ def test_a_local_fleet_keeps_its_secrets(tiny_genai_bundle, tmp_path):
         r = httpx.put(f"{fleet.registry_url}/v1/agent/service/register", json={
             "Name": "edgegen-edge", "ID": "edgegen-edge-impostor-1", "Port": 1})
         assert r.status_code == 403 and "anonymous token" in r.text
-        # the router verified every agent and routes to them
-        rows = httpx.get(fleet.router_url + "/edgegen/v1/endpoints").json()["endpoints"]
-        assert {(r["node"], r["identity"]) for r in rows} == {
-            ("edge-eu-west", "verified"), ("central-1", "verified")}
+        # the router verified every agent and routes to them (its /readyz, which the fleet
+        # waits for, needs one endpoint: the other may join its table a moment later)
+        want = {("edge-eu-west", "verified"), ("central-1", "verified")}
+        deadline = time.monotonic() + 60
+        while True:
+            rows = httpx.get(fleet.router_url + "/edgegen/v1/endpoints").json()["endpoints"]
+            seen = {(r["node"], r["identity"]) for r in rows}
+            if seen == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert seen == want
         reply = httpx.post(fleet.router_url + "/v1/chat/completions", timeout=120, json={
             "model": fleet.bundle.name, "max_tokens": 4,
             "messages": [{"role": "user", "content": "Hello"}]})
