@@ -64,6 +64,7 @@ from edge_agent.engine.kv_rows import (
     kv_buffer,
     move_row,
     prefilled,
+    short_and_unread,
 )
 from edge_agent.engine.ort import NUMPY_DTYPES, open_session, run_errors
 from edge_agent.engine.prefix_cache import PrefixCache
@@ -250,9 +251,8 @@ class BatchEngine(GenerationEngine):
         prompt = seq.prompt_ids
         if row.index < 0:
             self._place(seq)
-        if beside_decoding and row.length == seq.cached_tokens \
-                and len(prompt) - row.length <= WHOLE_PROMPT:
-            budget = None  # a short prompt, not begun, is read whole (module docstring)
+        if beside_decoding and short_and_unread(seq, WHOLE_PROMPT):
+            budget = None  # read whole (module docstring)
         while row.length < len(prompt):
             left = len(prompt) - row.length
             n = min(left, MAX_PREFILL if budget is None else budget)
@@ -278,7 +278,7 @@ class BatchEngine(GenerationEngine):
         (and ``room``) are left: its first token; else None, placed for a later step."""
         if seq.data.index < 0:
             self._place(seq)
-        if len(seq.prompt_ids) - seq.data.length > min(WHOLE_PROMPT, room):
+        if not short_and_unread(seq, min(WHOLE_PROMPT, room)):
             return None
         return self._read_prompt(seq, None, beside_decoding=beside_decoding)
 

@@ -72,6 +72,13 @@ def prefilled(seq: SequenceState) -> list[int]:
     return seq.prompt_ids[:min(seq.data.length, len(seq.prompt_ids))]
 
 
+def short_and_unread(seq: SequenceState, limit: int) -> bool:
+    """Whether ``seq``'s prompt is placed but not begun (its row holds only its cache hit)
+    and has at most ``limit`` tokens left to read."""
+    left = len(seq.prompt_ids) - seq.data.length
+    return seq.data.length == seq.cached_tokens and left <= limit
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens ``a`` and ``b`` share."""
     n = min(len(a), len(b))

@@ -75,10 +75,9 @@ def test_a_hit_gives_the_tokens_of_no_cache(engines):
     assert cached.prefix_cache.stats.hits >= len(QUESTIONS) + 1
 
 
-@pytest.mark.parametrize("question", QUESTIONS, ids=lambda q: f"{150 + len(q)}-tokens")
-def test_a_hit_gives_the_same_logits_bit_for_bit(tiny_genai_bundle, tiny_optimum_bundle,
-                                                 question, monkeypatch):
-    """Greedy ties aside: the first token's logits after a hit are exactly those without."""
+def first_logits(engine, prompt, monkeypatch) -> tuple[np.ndarray, int]:
+    """The logits either engine samples the first token of ``prompt`` from, and how many
+    prompt tokens came from the cache."""
     import edge_agent.engine.batch as batch_module
     import edge_agent.engine.ort_loop as ort_module
 
@@ -88,16 +87,25 @@ def test_a_hit_gives_the_same_logits_bit_for_bit(tiny_genai_bundle, tiny_optimum
         seen.append(np.array(logits))
         return int(np.argmax(logits))
 
-    for module in (batch_module, ort_module):
-        monkeypatch.setattr(module, "pick", recording)
+    with monkeypatch.context() as patch:
+        for module in (batch_module, ort_module):
+            patch.setattr(module, "pick", recording)
+        _, cached = one(engine, prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    assert len(seen) == 1
+    return seen[0], cached
+
+
+@pytest.mark.parametrize("question", QUESTIONS, ids=lambda q: f"{150 + len(q)}-tokens")
+def test_a_hit_gives_the_same_logits_bit_for_bit(tiny_genai_bundle, tiny_optimum_bundle,
+                                                 question, monkeypatch):
+    """Greedy ties aside: the first token's logits after a hit are exactly those without."""
     for kind, bundle in (("genai", tiny_genai_bundle), ("optimum", tiny_optimum_bundle)):
         engine = make(kind, bundle)
         try:
-            seen.clear()
-            one(engine, SYSTEM + question, SamplingParams(max_tokens=1, temperature=0.0))
-            _, n = one(engine, SYSTEM + question, SamplingParams(max_tokens=1, temperature=0.0))
-            assert n > 0 and len(seen) == 2
-            assert np.array_equal(seen[0], seen[1]), kind
+            miss, _ = first_logits(engine, SYSTEM + question, monkeypatch)
+            hit, n = first_logits(engine, SYSTEM + question, monkeypatch)
+            assert n > 0
+            assert np.array_equal(miss, hit), kind
         finally:
             engine.close()
 
@@ -287,22 +295,6 @@ def test_a_short_prompt_left_for_the_next_step_is_still_read_whole(tiny_genai_bu
     finally:
         engine.close()
 
-def _first_logits(engine, prompt, monkeypatch) -> np.ndarray:
-    """The logits the engine samples the first token of ``prompt`` from."""
-    import edge_agent.engine.batch as batch_module
-
-    seen: list[np.ndarray] = []
-
-    def recording(seq, logits, rng):
-        seen.append(np.array(logits))
-        return int(np.argmax(logits))
-
-    with monkeypatch.context() as patch:
-        patch.setattr(batch_module, "pick", recording)
-        one(engine, prompt, SamplingParams(max_tokens=1, temperature=0.0))
-    return seen[0]
-
-
 def test_the_row_a_sequence_left_is_taken_only_where_prefill_read_it(tiny_genai_bundle,
                                                                     monkeypatch):
     """The next sequence placed takes the row the last one left, and skips copying the
@@ -319,9 +311,9 @@ def test_the_row_a_sequence_left_is_taken_only_where_prefill_read_it(tiny_genai_
         # the row now holds SYSTEM (prefill) then the reply (decode); the cache holds both
         # read by prefill; block 9 (positions 144-160) straddles the two
         turn = SYSTEM + reply + QUESTIONS[0]
-        got = _first_logits(engine, turn, monkeypatch)
+        got = first_logits(engine, turn, monkeypatch)[0]
         assert engine.rows == [] and len(engine.prefix_cache.lookup(turn, None)) >= 10
-        assert np.array_equal(got, _first_logits(plain, turn, monkeypatch))
+        assert np.array_equal(got, first_logits(plain, turn, monkeypatch)[0])
     finally:
         engine.close()
         plain.close()
@@ -336,9 +328,9 @@ def test_a_grown_kv_buffer_leaves_no_row_to_take(tiny_genai_bundle, monkeypatch)
         one(engine, SYSTEM + QUESTIONS[0])
         capacity = engine.kv.shape[3]
         longer = SYSTEM + QUESTIONS[0] + [int(t) for t in RNG.integers(100, 40_000, capacity)]
-        got = _first_logits(engine, longer, monkeypatch)
+        got = first_logits(engine, longer, monkeypatch)[0]
         assert engine.kv.shape[3] > capacity
-        assert np.array_equal(got, _first_logits(plain, longer, monkeypatch))
+        assert np.array_equal(got, first_logits(plain, longer, monkeypatch)[0])
     finally:
         engine.close()
         plain.close()

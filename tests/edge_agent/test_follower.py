@@ -32,6 +32,7 @@ class MemoryKV:
         self.index = 1
         self.changed = asyncio.Event()
         self.down = False
+        self.closed = False
 
     async def get(self, key, index=None):
         if self.down:
@@ -104,6 +105,7 @@ def run(scenario, store, refuse=False):
             await scenario(kv, host, old, new, swapped)
         finally:
             await follower.stop()
+        assert kv.closed   # its blocking reads end with the agent
     asyncio.run(go())
     return settings
 
