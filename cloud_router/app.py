@@ -1,11 +1,12 @@
-"""The router's HTTP app: the agents' OpenAI API, forwarded (``cloud_router.proxy``, bare
-ASGI in front); the table and its explanations; health, readiness and metrics (FastAPI)."""
+"""The router's HTTP app: the agents' OpenAI API, forwarded (``cloud_router.proxy``, served
+straight from the connection by ``cloud_router.front``); the table and its explanations;
+health, readiness and metrics (FastAPI)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Callable, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,13 +17,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cloud_router.affinity import prefix_keys
 from cloud_router.auth import bearer_key_ok
 from cloud_router.forwarding import Forwarder
-from cloud_router.limits import BodyLimit
 from cloud_router.metrics import RouterMetrics
 from cloud_router.openapi import openapi_schema
 from cloud_router.protocol import error_body, model_card, model_list
 from cloud_router.proxy import (
     FORWARDED_PATHS,
-    REFUSED_OUTCOMES,
     ClientError,
     ForwardedPaths,
     hints_for,
@@ -114,7 +113,7 @@ def build_app(settings: RouterSettings, sources: Sequence[EndpointSource], *,
         return {"endpoints": table.rows()}
 
     def explain(model: str, hints) -> dict:
-        d = table.choose(hints)
+        d = table.choose(hints, explain=True)
         return {
             "model": model,
             "hints": {"region": hints.region, "zone": hints.zone, "location": hints.location,
@@ -164,8 +163,4 @@ def build_app(settings: RouterSettings, sources: Sequence[EndpointSource], *,
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.openapi = lambda: openapi_schema(app, FORWARDED_PATHS)
-    body_limit = BodyLimit(app, max_bytes=settings.max_body_bytes,
-                           on_refused=lambda status: metrics.requests.labels(
-                               "none", REFUSED_OUTCOMES[status]).inc())
-    return ForwardedPaths(body_limit, settings, table, forwarder, metrics, body_limit,
-                          state=app.state)
+    return ForwardedPaths(app, settings, table, forwarder, metrics, state=app.state)

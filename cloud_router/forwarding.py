@@ -1,7 +1,7 @@
 """Sending a request to the chosen endpoint, and trying another one when that fails.
 
-The one module that sends requests to upstream agents (aiohttp: one pooled keep-alive client
-with a C parser; ``streams`` reads their SSE answers). It says what happened and builds no
+The one module that sends requests to upstream agents (through ``cloud_router.upstream``'s
+pool of keep-alive connections; ``streams`` reads their SSE answers). It says what happened and builds no
 HTTP response; the proxy maps the outcome to one:
 
     Forwarded   an upstream's answer, to pass on as it is: a whole body, or an SSE stream
@@ -36,10 +36,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
-
-import aiohttp
+from typing import Any
 
 from cloud_router.affinity import LOAD_FORMAT_HEADER, LOAD_HEADER, parse_load_report
 from cloud_router.endpoints import Endpoint
@@ -48,6 +47,7 @@ from cloud_router.policy import Decision, RequestHints
 from cloud_router.resume import RESUME_HEADER, Transcript, resumable
 from cloud_router.streams import TRANSPORT_ERRORS, UpstreamStream
 from cloud_router.table import EndpointTable
+from cloud_router.upstream import ConnectFailed, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -110,26 +110,23 @@ class Forwarder:
         self.table = table
         self.metrics = metrics
         self.config = config
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        """The pooled client, made on first use (inside the server's event loop)."""
-        if self._session is None:
+    def pool(self) -> UpstreamPool:
+        """The connection pool, made on first use (inside the server's event loop)."""
+        if self._pool is None:
             c = self.config
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=c.max_connections,
-                                               keepalive_timeout=c.keepalive_expiry_s),
-                timeout=aiohttp.ClientTimeout(total=None, connect=c.connect_timeout_s,
-                                              sock_read=c.read_timeout_s),
-                auto_decompress=False,   # bytes pass on as the upstream sent them
-                skip_auto_headers=("User-Agent", "Accept-Encoding"))
-        return self._session
+            self._pool = UpstreamPool(connect_timeout_s=c.connect_timeout_s,
+                                      read_timeout_s=c.read_timeout_s,
+                                      keepalive_expiry_s=c.keepalive_expiry_s,
+                                      max_connections=c.max_connections)
+        return self._pool
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
 
     async def forward(self, path: str, body: bytes, headers: dict[str, str],
                       hints: RequestHints, payload: Any = None) -> Forwarded | Refused:
@@ -213,21 +210,20 @@ class Forwarder:
         stats, clock = self.table.stats, self.table.clock
         stats.started(ep.id, probe=decision.probe)
         start = clock()
-        out_headers = {k: v for k, v in headers.items()
-                       if k in FORWARDED_REQUEST_HEADERS or k == RESUME_HEADER}
-        out_headers[LOAD_FORMAT_HEADER] = "TEXT"   # the agent says how busy it is
+        out_headers = [(k, v) for k, v in headers.items()
+                       if k in FORWARDED_REQUEST_HEADERS or k == RESUME_HEADER]
+        out_headers.append((LOAD_FORMAT_HEADER, "TEXT"))   # the agent says how busy it is
         handed_over = False
         try:
             try:
-                upstream = await self.session.post(ep.url + path, data=body,
-                                                   headers=out_headers, allow_redirects=False)
-            except aiohttp.ClientConnectorError as exc:   # refused, unreachable: gone
-                return self._failed(ep, start, f"{type(exc).__name__}: {exc}", hard=True)
+                upstream = await self.pool.request(ep.address, ep.port, path, out_headers, body)
+            except ConnectFailed as exc:   # refused, unreachable: gone
+                return self._failed(ep, start, str(exc), hard=True)
             except TRANSPORT_ERRORS as exc:
                 return self._failed(ep, start, f"{type(exc).__name__}: {exc}")
             ttfb_ms = (clock() - start) * 1000
             status = upstream.status
-            reply_headers = {k.lower(): v for k, v in upstream.headers.items()}
+            reply_headers = upstream.headers
             self._load_report(ep, reply_headers.pop(LOAD_HEADER, None))
             is_sse = reply_headers.get("content-type", "").startswith("text/event-stream")
             if status >= 500 or status == 429 or not is_sse:
@@ -251,7 +247,7 @@ class Forwarder:
                                         "a JSON object")
                 stats.succeeded(ep.id, ttfb_ms)
                 return answer
-            chunks = upstream.content.iter_any()
+            chunks = upstream.chunks()
             try:
                 first = await chunks.__anext__()
             except (*TRANSPORT_ERRORS, StopAsyncIteration) as exc:
@@ -305,7 +301,7 @@ class Forwarder:
         self.metrics.requests.labels(ep.tier, "stream_broken").inc()
 
     async def _stream_closed(self, ep: Endpoint, start: float,
-                             upstream: aiohttp.ClientResponse, outcome: str | None) -> None:
+                             upstream: UpstreamResponse, outcome: str | None) -> None:
         """outcome: ok | cancelled (the client left), None when already counted (broke).
         Only a stream read to its end gives its connection back to the pool; closing one
         mid-way closes the connection, which is what cancels the generation upstream."""

@@ -86,7 +86,7 @@ class Decision:
     endpoint: Endpoint | None
     reason: str                                   # x-edgegen-route
     probe: bool = False                           # this request decides an ejected endpoint
-    candidates: tuple[Ranked, ...] = ()            # the ranked candidates of the chosen tier
+    candidates: tuple[Ranked, ...] = ()  # the chosen tier's, ranked (only when explained)
     skipped: dict[str, str] = field(default_factory=dict)  # endpoint id -> why not a candidate
 
     @property
@@ -103,12 +103,15 @@ def choose_endpoint(
     config: PolicyConfig = PolicyConfig(),
     exclude: frozenset[str] | set[str] = frozenset(),
     affinity: Mapping[str, int] | None = None,
+    explain: bool = False,
 ) -> Decision:
     """The endpoint for one request attempt; ``exclude`` holds the ones this request tried;
-    ``affinity``: endpoint id -> characters of the request's prompt prefix last sent there."""
+    ``affinity``: endpoint id -> characters of the request's prompt prefix last sent there.
+    ``explain``: list every candidate with its figures (``/edgegen/v1/route``); a forwarded
+    request needs only the choice and its reason."""
     skipped: dict[str, str] = {}
     ctx = _Context(hints, stats, rng, config, skipped, now,
-                   affinity if config.placement == "cache" and affinity else {})
+                   affinity if config.placement == "cache" and affinity else {}, explain)
     edges = _candidates(endpoints, "edge", hints, stats, now, exclude, skipped)
     if edges:
         return _pick(edges, ctx, route=None)
@@ -137,6 +140,7 @@ class _Context:
     skipped: dict[str, str]
     now: float
     affinity: Mapping[str, int]
+    explain: bool = False
 
 
 def _candidates(endpoints, tier, hints, stats, now, exclude, skipped) -> list[Endpoint]:
@@ -219,7 +223,7 @@ def _pick(cands, ctx: _Context, route: str | None) -> Decision:
                ctx.affinity.get(e.id, 0),
                round(scores[e.id], 3) if e.id in scores and math.isfinite(scores[e.id])
                else None)
-        for (_c, ev_, v), e in keyed)
+        for (_c, ev_, v), e in keyed) if ctx.explain else ()
     return Decision(chosen, route or why, probe=s.ejected_until is not None,
                     candidates=ranked, skipped=ctx.skipped)
 

@@ -1,9 +1,10 @@
-"""The forwarded OpenAI paths as a bare ASGI app: the router's hot path.
+"""The forwarded OpenAI paths: the router's hot path.
 
-Every request of the fleet passes here, so it skips the framework (routing, dependency
-injection, response classes, middleware) that the router's own pages use, and works on ASGI
-messages directly: read the body within its limits, check the key, decode the JSON, choose,
-forward, answer. Whatever is not a forwarded path goes on to ``app`` (the FastAPI app).
+Every request of the fleet passes here, so the front (``cloud_router.front``) hands these
+requests over straight from the connection, with no framework in between (routing,
+dependency injection, validation, response classes, middleware, the ASGI cycle): check the
+key, decode the JSON, choose, forward, answer. Every other request goes to ``asgi``, the
+FastAPI app of the router's own pages.
 
 This module and ``app`` are the only ones that know status codes and response headers:
 choosing is the policy's job, sending the forwarder's, and their outcomes become HTTP here.
@@ -11,17 +12,15 @@ choosing is the policy's job, sending the forwarder's, and their outcomes become
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 from cloud_router.affinity import LOAD_HEADER, prefix_keys
 from cloud_router.auth import bearer_key_ok
-from cloud_router.forwarding import Forwarded, Forwarder, Refused, UpstreamStream
+from cloud_router.exchange import Reply, Request, json_reply
+from cloud_router.forwarding import Forwarded, Forwarder, Refused
 from cloud_router.geo import parse_location
-from cloud_router.limits import BadBody, BodyLimit, decode_json
+from cloud_router.limits import BadBody, decode_json
 from cloud_router.metrics import RouterMetrics
 from cloud_router.policy import RequestHints
 from cloud_router.protocol import error_body
@@ -38,7 +37,7 @@ DROPPED_RESPONSE_HEADERS = frozenset((
     "x-edgegen-node", "x-edgegen-tier", "x-edgegen-route", LOAD_HEADER))
 # edgegen_router_requests_total{tier="none", outcome} of the requests refused here.
 REFUSED_OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "unknown_model",
-                    408: "body_timeout", 413: "too_large"}
+                    405: "bad_request", 408: "body_timeout", 413: "too_large"}
 
 
 class ClientError(Exception):
@@ -83,51 +82,45 @@ def model_not_found(model: str, known: Iterable[str]) -> ClientError:
 
 
 class ForwardedPaths:
-    """ASGI: POSTs to ``FORWARDED_PATHS`` are forwarded; anything else goes to ``app``."""
+    """The front's handler: POSTs to ``FORWARDED_PATHS`` are forwarded (``handle``); anything
+    else goes to ``asgi``."""
 
-    def __init__(self, app, settings: RouterSettings, table: EndpointTable,
-                 forwarder: Forwarder, metrics: RouterMetrics, body_limit: BodyLimit,
-                 state=None):
-        self.app = app
-        self.state = state   # the app's state, for whoever holds this ASGI app
+    def __init__(self, asgi, settings: RouterSettings, table: EndpointTable,
+                 forwarder: Forwarder, metrics: RouterMetrics, state=None):
+        self.asgi = asgi
+        self.state = state   # the app's state, for whoever holds this handler
         self.settings = settings
         self.table = table
         self.forwarder = forwarder
         self.metrics = metrics
-        self.body_limit = body_limit
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] not in FORWARDED_PATHS:
-            return await self.app(scope, receive, send)
-        if scope["method"] != "POST":
-            return await _send_json(send, 405, error_body(405, "Method Not Allowed"),
-                                    [(b"allow", b"POST")])
-        body = await self.body_limit.read(scope, receive, send)
-        if body is None:
-            return None   # refused (413, 408: counted by the limit) or the client left
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+    def native(self, method: str, path: str) -> bool:
+        return path in FORWARDED_PATHS
+
+    def refused(self, status: int) -> None:
+        """Counts a request refused before forwarding (here, or by the front)."""
+        self.metrics.requests.labels("none", REFUSED_OUTCOMES[status]).inc()
+
+    async def handle(self, request: Request) -> Reply:
+        if request.method != "POST":
+            self.refused(405)
+            return json_reply(405, error_body(405, "Method Not Allowed"), [(b"allow", b"POST")])
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
         try:
-            outcome = await self._forward(scope["path"], body, headers)
+            outcome = await self._forward(request.path, request.body, headers)
         except ClientError as exc:
-            self.metrics.requests.labels("none", REFUSED_OUTCOMES[exc.status]).inc()
-            return await _send_json(send, exc.status, exc.body)
+            self.refused(exc.status)
+            return json_reply(exc.status, exc.body)
         if isinstance(outcome, Refused):
-            return await _send_json(send, 503, error_body(503, outcome.message,
-                                                          code="no_endpoint"),
-                                    [(b"retry-after", str(outcome.retry_after_s).encode()),
-                                     (b"x-edgegen-route", outcome.route.encode())])
+            return json_reply(503, error_body(503, outcome.message, code="no_endpoint"),
+                              [(b"retry-after", str(outcome.retry_after_s).encode()),
+                               (b"x-edgegen-route", outcome.route.encode())])
         out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in outcome.headers.items()
                if k not in DROPPED_RESPONSE_HEADERS]
         out += [(b"x-edgegen-node", outcome.endpoint.node.encode()),
                 (b"x-edgegen-tier", outcome.endpoint.tier.encode()),
                 (b"x-edgegen-route", outcome.route.encode())]
-        if outcome.stream is None:
-            out.append((b"content-length", str(len(outcome.body)).encode()))
-            await send({"type": "http.response.start", "status": outcome.status,
-                        "headers": out})
-            await send({"type": "http.response.body", "body": outcome.body})
-            return None
-        await send_stream(outcome.stream, outcome.status, out, receive, send)
+        return Reply(outcome.status, out, outcome.body, outcome.stream)
 
     async def _forward(self, path: str, body: bytes,
                        headers: dict[str, str]) -> Forwarded | Refused:
@@ -142,44 +135,3 @@ class ForwardedPaths:
                           headers.get("x-edgegen-zone"), headers.get("x-edgegen-location"),
                           prefix_keys(path, payload) if s.policy.placement == "cache" else ())
         return await self.forwarder.forward(path, body, headers, hints, payload)
-
-
-async def send_stream(stream: UpstreamStream, status: int, headers: list, receive,
-                      send) -> None:
-    """Sends an upstream stream's events as they arrive while watching for the client leaving,
-    and always closes the stream (which releases the upstream, and so cancels its generation
-    when the client left)."""
-    delivered = False
-    events = stream.events()
-
-    async def pump() -> None:
-        nonlocal delivered
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        async for event in events:
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-        delivered = True
-
-    async def client_left() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    pumping = asyncio.ensure_future(pump())
-    watching = asyncio.ensure_future(client_left())
-    try:
-        await asyncio.wait((pumping, watching), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (pumping, watching):
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, OSError):
-            await pumping   # OSError: the client went away while we wrote to it
-        await events.aclose()
-        await asyncio.shield(stream.close(delivered))
-
-
-async def _send_json(send, status: int, body: dict, headers: list | None = None) -> None:
-    raw = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
-        *(headers or [])]})
-    await send({"type": "http.response.body", "body": raw})

@@ -8,13 +8,11 @@ import contextlib
 import gc
 import logging
 
-import uvicorn
-
-from cloud_router.limits import DEFAULT_HEAD_TIMEOUT_S, head_timeout_protocol
-
 from cloud_router.app import build_app
 from cloud_router.discovery import ServiceWatcher
 from cloud_router.endpoints import CENTRAL_SERVICE, EDGE_SERVICE
+from cloud_router.front import FrontConfig, FrontServer
+from cloud_router.proxy import ForwardedPaths
 from cloud_router.settings import RouterSettings
 from cloud_router.verifier import IdentityVerifier
 
@@ -57,13 +55,12 @@ def router_app(settings: RouterSettings):
     return app
 
 
-def uvicorn_config(app, host: str, port: int) -> uvicorn.Config:
-    """How the router is served: uvloop, httptools' C parser with a deadline on request heads,
-    no X-Forwarded-* rewriting (the router reads no client address); the tests serve it the
-    same way."""
-    return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                          timeout_keep_alive=30, loop="uvloop", proxy_headers=False,
-                          http=head_timeout_protocol(DEFAULT_HEAD_TIMEOUT_S))
+def front_server(app: ForwardedPaths, host: str, port: int, *,
+                 install_signals: bool = True) -> FrontServer:
+    """How the router is served (the tests serve it the same way, in a thread, where signals
+    cannot be caught)."""
+    return FrontServer(app, host, port, FrontConfig(max_body_bytes=app.settings.max_body_bytes),
+                       install_signals=install_signals)
 
 
 def serve(settings: RouterSettings) -> None:
@@ -72,4 +69,4 @@ def serve(settings: RouterSettings) -> None:
     # Everything built so far lives as long as the process: out of the collector's sight, so
     # that its full collections under load walk only what requests allocate.
     gc.freeze()
-    uvicorn.Server(uvicorn_config(app, settings.host, settings.port)).run()
+    front_server(app, settings.host, settings.port).run()

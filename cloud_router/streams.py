@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Awaitable, Callable
-
-import aiohttp
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from cloud_router.endpoints import Endpoint
 from cloud_router.protocol import sse_error_event
 from cloud_router.resume import DONE, Diverged, Transcript, split_events
+from cloud_router.upstream import UpstreamError
 
 log = logging.getLogger(__name__)
 
-# What a broken upstream raises: connection errors, payload errors, read timeouts.
-TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+# What a broken upstream raises: connection errors, read timeouts, an answer that is not HTTP.
+TRANSPORT_ERRORS = (UpstreamError, asyncio.TimeoutError)
 
 
 class UpstreamStream:

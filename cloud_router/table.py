@@ -103,12 +103,13 @@ class EndpointTable:
         not unknown (404)."""
         return model in self.fleet.known_models
 
-    def choose(self, hints: RequestHints, exclude: set[str] | frozenset = frozenset()) -> Decision:
+    def choose(self, hints: RequestHints, exclude: set[str] | frozenset = frozenset(),
+               explain: bool = False) -> Decision:
         fleet = self.fleet
         affinity = self.affinity.lookup(hints.prefix) if hints.prefix else None
         decision = choose_endpoint(fleet.serving.get(hints.model, ()), hints,
                                    self.stats.snapshot(), self.rng, self.clock(), self.policy,
-                                   exclude, affinity)
+                                   exclude, affinity, explain)
         withheld = fleet.withheld.get(hints.model)
         if withheld:
             decision = replace(decision, skipped={**withheld, **decision.skipped})

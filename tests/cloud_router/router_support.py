@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cloud_router.app import build_app
 from cloud_router.endpoints import Endpoint
-from cloud_router.server import uvicorn_config
+from cloud_router.server import front_server
 from cloud_router.settings import RouterSettings
 from tests.support.procs import free_port, wait_http
 
@@ -26,12 +26,14 @@ def quiet_config(app, host: str, port: int) -> uvicorn.Config:
 
 
 class ServerThread:
-    """A uvicorn server for ``app`` on 127.0.0.1:<free port>, in a daemon thread."""
+    """A server for ``app`` on 127.0.0.1:<free port>, in a daemon thread."""
 
-    def __init__(self, app, port: int | None = None, config=quiet_config):
-        """``config(app, host, port)``: how to serve it (the router: as `edgegen router`)."""
+    def __init__(self, app, port: int | None = None, server=None):
+        """``server(app, host, port)``: what serves it (default uvicorn; the router: its own
+        server, as `edgegen router` serves it)."""
         self.port = port or free_port()
-        self.server = uvicorn.Server(config(app, "127.0.0.1", self.port))
+        self.server = (server or (lambda *a: uvicorn.Server(quiet_config(*a))))(
+            app, "127.0.0.1", self.port)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -199,11 +201,16 @@ class EndpointList:
         self.generation += 1
 
 
+def router_server(app, host: str, port: int):
+    """The router's own server, as `edgegen router` serves it."""
+    return front_server(app, host, port, install_signals=False)
+
+
 def start_router(fleet: list[Endpoint], **settings) -> ServerThread:
     """The router over ``fleet`` (copied); change what it sees with ``router.source.set``."""
     source = EndpointList(fleet)
     app = build_app(RouterSettings(**settings), [source])
-    router = ServerThread(app, config=uvicorn_config)
+    router = ServerThread(app, server=router_server)
     wait_http(router.url + "/healthz")
     router.app, router.source = app, source
     return router

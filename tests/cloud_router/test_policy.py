@@ -28,7 +28,7 @@ FLEET = [PARIS, LONDON, NYC, TOKYO, CENTRAL]
 def choose(endpoints=FLEET, stats=None, seed=0, now=100.0, exclude=frozenset(), **hints):
     hints.setdefault("model", "tiny")
     return choose_endpoint(endpoints, RequestHints(**hints), stats or {}, random.Random(seed),
-                           now, PolicyConfig(), exclude)
+                           now, PolicyConfig(), exclude, explain=True)
 
 
 @pytest.mark.parametrize("hints, nodes, reason", [
@@ -247,7 +247,7 @@ def reported(queued: int, at: float = 99.5) -> EndpointStats:
 def place(stats=None, affinity=None, placement="cache", seed=0, now=100.0, **config):
     return choose_endpoint(TRIO, RequestHints(model="tiny", region="eu-west"), stats or {},
                            random.Random(seed), now, PolicyConfig(placement=placement, **config),
-                           frozenset(), affinity)
+                           frozenset(), affinity, explain=True)
 
 
 @pytest.mark.parametrize("queues, affinity, expected", [
@@ -317,3 +317,16 @@ def test_placement_stays_inside_the_nearest_class():
     d = choose_endpoint([NEAR, other], RequestHints(model="tiny", region="eu-west"), {},
                         random.Random(0), 100.0, PolicyConfig(), frozenset(), {other.id: 10**6})
     assert d.endpoint is NEAR
+
+
+@pytest.mark.parametrize("hints", [dict(region="eu-west"), dict(location=(35.0, 135.7)),
+                                   dict(region="mars")])
+def test_a_decision_unexplained_is_the_same_choice_without_the_candidates(hints):
+    """Forwarded requests skip the explanation (its rows cost more than the choice); the
+    endpoint and the reason are the same as /edgegen/v1/route shows."""
+    hints = RequestHints(model="tiny", **hints)
+    full = choose_endpoint(FLEET, hints, {}, random.Random(3), 100.0, PolicyConfig(),
+                           explain=True)
+    short = choose_endpoint(FLEET, hints, {}, random.Random(3), 100.0, PolicyConfig())
+    assert (short.endpoint, short.reason) == (full.endpoint, full.reason)
+    assert full.candidates and short.candidates == ()
