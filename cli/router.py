@@ -61,6 +61,10 @@ def router(
     identity_recheck: float = typer.Option(30.0, "--identity-recheck", min=1.0,
                                            help="Seconds between identity re-checks of a "
                                                 "verified endpoint (with a fleet key)."),
+    workers: int = typer.Option(
+        1, "--workers", min=1, max=64,
+        help="Router processes on the port (SO_REUSEPORT), one per core to use; each keeps "
+             "its own table and policy state, the metrics count them all."),
 ) -> None:
     """Serve the OpenAI API and forward each request to the best endpoint in Consul."""
     if ctx.invoked_subcommand is not None:
@@ -78,7 +82,7 @@ def router(
     if placement not in PLACEMENTS:
         raise typer.BadParameter(f"must be one of {', '.join(PLACEMENTS)}",
                                  param_hint="--placement")
-    serve(RouterSettings(
+    settings = RouterSettings(
         consul=consul, host=host, port=port, region=region, near=near,
         api_keys=load_api_keys(api_keys) if api_keys else frozenset(),
         policy=PolicyConfig(nearest_few=nearest_few, placement=placement),
@@ -86,7 +90,18 @@ def router(
         forward=ForwardConfig(max_attempts=max_attempts), retry_budget_ratio=retry_budget,
         consul_token=read_token(consul_token, consul_token_file),
         fleet_key=read_fleet_key(fleet_key, fleet_key_file),
-        identity=IdentityConfig(recheck_s=identity_recheck)))
+        identity=IdentityConfig(recheck_s=identity_recheck))
+    if workers == 1:
+        serve(settings)
+        return
+    import functools
+    import logging
+
+    from cli.logs import setup_logging
+    from cloud_router.workers import run_workers
+
+    level = logging.getLevelName(logging.getLogger().level)   # as the parent's, set by main
+    run_workers(settings, workers, functools.partial(setup_logging, level))
 
 
 @router_app.command("traefik-config")

@@ -156,8 +156,8 @@ class Forwarder:
                 if decision.endpoint.tier == "central":
                     self.metrics.fallbacks.inc()
                 if result.stream is None:   # a stream is counted when it ends
-                    self.metrics.requests.labels(
-                        result.endpoint.tier, "ok" if result.status < 400 else "client_error").inc()
+                    self.metrics.count(result.endpoint.tier,
+                                       "ok" if result.status < 400 else "client_error")
                 if result.status < 400 and hints.prefix:   # it now holds this prompt
                     table.affinity.record(hints.prefix, result.endpoint.id)
                 return result
@@ -168,7 +168,7 @@ class Forwarder:
 
     def _give_up(self, last: _Failure | None, hints: RequestHints) -> Forwarded | Refused:
         if last is not None and last.answer is not None:
-            self.metrics.requests.labels(last.endpoint.tier, "upstream_error").inc()
+            self.metrics.count(last.endpoint.tier, "upstream_error")
             return last.answer
         if last is None:
             msg = f"no healthy endpoint serves model {hints.model!r} right now"
@@ -176,7 +176,7 @@ class Forwarder:
         else:
             msg = f"every endpoint tried failed; last: {last.endpoint.node}: {last.why}"
             tier, outcome = last.endpoint.tier, "upstream_error"
-        self.metrics.requests.labels(tier, outcome).inc()
+        self.metrics.count(tier, outcome)
         return Refused(msg, self.config.retry_after_s)
 
     async def _continue(self, path: str, headers: dict[str, str], hints: RequestHints,
@@ -286,7 +286,7 @@ class Forwarder:
         return _Failure(ep, why)
 
     def _observe(self, ep: Endpoint, start: float) -> None:
-        self.metrics.upstream_duration.labels(ep.id).observe(self.table.clock() - start)
+        self.metrics.upstream_seconds(ep.id, self.table.clock() - start)
 
     def _stream_broken(self, ep: Endpoint, exc: BaseException) -> None:
         """An endpoint whose stream broke is ejected at once: its process is gone."""
@@ -298,7 +298,7 @@ class Forwarder:
     def _stream_lost(self, ep: Endpoint) -> None:
         """A stream that cannot go on: counted at once, before the client sees the error
         event."""
-        self.metrics.requests.labels(ep.tier, "stream_broken").inc()
+        self.metrics.count(ep.tier, "stream_broken")
 
     async def _stream_closed(self, ep: Endpoint, start: float,
                              upstream: UpstreamResponse, outcome: str | None) -> None:
@@ -312,4 +312,4 @@ class Forwarder:
         self.table.stats.finished(ep.id)
         self._observe(ep, start)
         if outcome is not None:
-            self.metrics.requests.labels(ep.tier, outcome).inc()
+            self.metrics.count(ep.tier, outcome)

@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from urllib.parse import unquote
 
 import httptools
 
+from cloud_router.errors import RouterError
 from cloud_router.exchange import Handler, Reply, Request, json_reply
 from cloud_router.front_asgi import AsgiExchange, Lifespan
 from cloud_router.limits import (
@@ -295,9 +297,11 @@ class FrontServer:
 
     def __init__(self, handler: Handler, host: str, port: int,
                  config: FrontConfig = FrontConfig(), *, graceful_s: float = 15.0,
-                 install_signals: bool = True):
+                 install_signals: bool = True, reuse_port: bool = False,
+                 on_started: Callable[[], None] | None = None):
         self.handler, self.host, self.port, self.config = handler, host, port, config
         self.graceful_s, self.install_signals = graceful_s, install_signals
+        self.reuse_port, self.on_started = reuse_port, on_started
         self.connections: set[Connection] = set()
         self.started = self.should_exit = self.stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -309,15 +313,23 @@ class FrontServer:
 
     async def serve(self) -> None:
         self.loop = asyncio.get_running_loop()
+        try:   # bound first, so a taken port fails at once; served after the app's startup
+            server = await self.loop.create_server(
+                lambda: Connection(self), self.host, self.port, backlog=2048,
+                reuse_address=True, reuse_port=self.reuse_port or None, start_serving=False)
+        except OSError as exc:
+            raise RouterError(f"cannot listen on {self.host}:{self.port}: "
+                              f"{os.strerror(exc.errno) if exc.errno else exc}") from None
         lifespan = Lifespan(self.handler.asgi)
         await lifespan.startup()
-        server = await self.loop.create_server(lambda: Connection(self), self.host,
-                                               self.port, backlog=2048, reuse_address=True)
+        await server.start_serving()
         stop = asyncio.Event()
         if self.install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.loop.add_signal_handler(sig, stop.set)
         self.started = True
+        if self.on_started is not None:
+            self.on_started()
         log.info("router listening", extra={"host": self.host, "port": self.port})
         try:
             while not (stop.is_set() or self.should_exit):

@@ -36,7 +36,7 @@ def decode_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
         raise BadBody(f"the request body is not valid UTF-8 (byte {exc.start})",
                       "invalid_utf8") from None
     try:
-        body = json.loads(text, parse_constant=_no_constant)
+        body = _DECODER.decode(text)
     except RecursionError:
         raise BadBody(_too_deep(max_depth), "invalid_json") from None
     except ValueError as exc:
@@ -66,6 +66,10 @@ def decode_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
+
+
+# one decoder: json.loads with an argument builds a new one per call
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 def _too_deep(max_depth: int) -> str:

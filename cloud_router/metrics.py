@@ -1,4 +1,5 @@
-"""The router's Prometheus metrics (names in DESIGN.md), one registry per app.
+"""The router's Prometheus metrics (names in DESIGN.md), one registry per app; with several
+workers (``cloud_router.workers``) the counters and histograms of all of them.
 
 ``edgegen_router_requests_total{tier,outcome}`` counts every POST to the forwarded OpenAI
 paths once, by whoever decides its outcome: the forwarder for what it forwarded or could not
@@ -15,7 +16,8 @@ place, the app for what it refuses before forwarding (the router's own pages and
     none           no_endpoint     503: no endpoint serves its model now
     none           unauthorized    401: refused by the router, no valid API key
     none           unknown_model   404: refused by the router, no endpoint ever served it
-    none           bad_request     400: refused by the router (not JSON, no model, bad hint)
+    none           bad_request     400: refused by the router (not JSON, no model, bad hint,
+                                   not HTTP); 405: not a POST
     none           too_large       413: a body over --max-body-bytes, refused unread
     none           body_timeout    408: a body that did not arrive in time
 
@@ -24,39 +26,70 @@ place, the app for what it refuses before forwarding (the router's own pages and
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
 STATES = ("healthy", "ejected", "probing", "probe-due")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"   # set by cloud_router.workers for its workers
+
+
+def counters_registry(registry: CollectorRegistry) -> CollectorRegistry | None:
+    """Where a counter or histogram registers: ``registry``, or nowhere when this process is
+    one of several workers, whose values live in shared files that ``registry`` collects
+    (counting them live too would count this worker's twice)."""
+    if os.environ.get(MULTIPROC_ENV):
+        return None
+    return registry
 
 
 class RouterMetrics:
     def __init__(self, rows: Callable[[], list[dict]]):
         self.registry = CollectorRegistry()
+        if os.environ.get(MULTIPROC_ENV):   # every worker's counters, whichever is scraped
+            multiprocess.MultiProcessCollector(self.registry)
+        registry = counters_registry(self.registry)
         self.requests = Counter(
             "edgegen_router_requests", "Requests the router answered, by tier and outcome.",
-            ["tier", "outcome"], registry=self.registry)
+            ["tier", "outcome"], registry=registry)
         self.upstream_duration = Histogram(
             "edgegen_router_upstream_duration_seconds",
             "Time from sending a request upstream to its last byte, per endpoint.",
-            ["endpoint"], registry=self.registry,
+            ["endpoint"], registry=registry,
             buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
         self.retries = Counter("edgegen_router_retries", "Requests sent again to another "
-                               "endpoint after a failure.", registry=self.registry)
+                               "endpoint after a failure.", registry=registry)
         self.invalid_answers = Counter(
             "edgegen_router_upstream_invalid_answers", "Upstream answers below 500 that were "
             "not a JSON object (or a stream): retried elsewhere, never passed on.",
-            registry=self.registry)
+            registry=registry)
         self.invalid_load_reports = Counter(
             "edgegen_router_invalid_load_reports", "Load reports (ORCA endpoint-load-metrics) "
-            "refused as malformed or impossible.", registry=self.registry)
+            "refused as malformed or impossible.", registry=registry)
         self.resumed = Counter("edgegen_router_streams_resumed", "Streams continued on "
-                               "another endpoint after theirs broke.", registry=self.registry)
+                               "another endpoint after theirs broke.", registry=registry)
         self.fallbacks = Counter("edgegen_router_fallbacks", "Requests sent to the central tier "
-                                 "because no edge could take them.", registry=self.registry)
-        self.registry.register(_EndpointGauge(rows))
+                                 "because no edge could take them.", registry=registry)
+        self.registry.register(_EndpointGauge(rows))   # this worker's view
+        self._children: dict[tuple, object] = {}
+
+    def count(self, tier: str, outcome: str) -> None:
+        """One request in ``edgegen_router_requests_total``."""
+        self._child(self.requests, tier, outcome).inc()
+
+    def upstream_seconds(self, endpoint_id: str, seconds: float) -> None:
+        self._child(self.upstream_duration, endpoint_id).observe(seconds)
+
+    def _child(self, metric, *labels):
+        """``metric.labels(*labels)``, remembered: ``labels`` takes a lock and checks the
+        values on every call, twice per forwarded request."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
 
 class _EndpointGauge:

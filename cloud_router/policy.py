@@ -129,9 +129,10 @@ def choose_endpoint(
     return Decision(None, "none:no-endpoint", skipped=skipped)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Context:
-    """What one decision reads besides the candidates."""
+    """What one decision reads besides the candidates (not frozen: one per forwarded request,
+    and a frozen dataclass's ``__init__`` costs several times a plain one's)."""
 
     hints: RequestHints
     stats: Mapping[str, EndpointStats]

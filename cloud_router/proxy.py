@@ -99,7 +99,7 @@ class ForwardedPaths:
 
     def refused(self, status: int) -> None:
         """Counts a request refused before forwarding (here, or by the front)."""
-        self.metrics.requests.labels("none", REFUSED_OUTCOMES[status]).inc()
+        self.metrics.count("none", REFUSED_OUTCOMES[status])
 
     async def handle(self, request: Request) -> Reply:
         if request.method != "POST":

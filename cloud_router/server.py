@@ -55,18 +55,21 @@ def router_app(settings: RouterSettings):
     return app
 
 
-def front_server(app: ForwardedPaths, host: str, port: int, *,
-                 install_signals: bool = True) -> FrontServer:
+def front_server(app: ForwardedPaths, host: str, port: int, *, install_signals: bool = True,
+                 reuse_port: bool = False, on_started=None) -> FrontServer:
     """How the router is served (the tests serve it the same way, in a thread, where signals
     cannot be caught)."""
     return FrontServer(app, host, port, FrontConfig(max_body_bytes=app.settings.max_body_bytes),
-                       install_signals=install_signals)
+                       install_signals=install_signals, reuse_port=reuse_port,
+                       on_started=on_started)
 
 
-def serve(settings: RouterSettings) -> None:
-    """Run the router until SIGINT/SIGTERM."""
+def serve(settings: RouterSettings, *, reuse_port: bool = False, on_started=None) -> None:
+    """Run the router until SIGINT/SIGTERM. ``reuse_port``: one of several workers on the
+    port (``cloud_router.workers``); ``on_started``: called once it listens."""
     app = router_app(settings)
     # Everything built so far lives as long as the process: out of the collector's sight, so
     # that its full collections under load walk only what requests allocate.
     gc.freeze()
-    front_server(app, settings.host, settings.port).run()
+    front_server(app, settings.host, settings.port, reuse_port=reuse_port,
+                 on_started=on_started).run()

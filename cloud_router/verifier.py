@@ -35,6 +35,7 @@ from cloud_router.identity import (
     due,
     judge,
 )
+from cloud_router.metrics import counters_registry
 from cloud_router.table import EndpointSource
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ class IdentityVerifier:
         edgegen_router_identity_checks_total{outcome} in the router's registry."""
         self.checks = Counter("edgegen_router_identity_checks",
                               "Identity checks of endpoints, by outcome (verified, rejected, "
-                              "unreachable).", ["outcome"], registry=registry)
+                              "unreachable).", ["outcome"],
+                              registry=counters_registry(registry))
         registry.register(_IdentityGauge(self))
 
     # ---- checking ---------------------------------------------------------------------------
