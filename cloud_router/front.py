@@ -10,7 +10,8 @@ in one ``write``. What uvicorn gave the router, it keeps:
 - a request head must arrive within ``head_timeout_s`` of the connection opening or of its
   last answer (slowloris), a body within ``body_timeout_s`` (408);
 - a body over ``max_body_bytes`` is answered 413 before it is read (``Content-Length``) or as
-  soon as it passes the limit, and the connection is closed: nothing beyond it is kept;
+  soon as it passes the limit, and the connection is closed: nothing beyond it is kept; a
+  request head over ``max_head_bytes``, 431;
 - a request that is not HTTP is answered 400 in OpenAI's error shape, and the connection
   closed;
 - keep-alive and pipelining (answers in request order), ``Expect: 100-continue``, HTTP/1.0;
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FrontConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_head_bytes: int = 64 * 1024   # request line and headers (HAProxy's buffer: 16 KiB)
     head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
     body_timeout_s: float = DEFAULT_READ_TIMEOUT_S
 
@@ -77,6 +79,8 @@ class Connection(asyncio.Protocol):
         self._refusal: Reply | None = None   # a refusal waiting for the answer being written
         self.writable: asyncio.Future | None = None
         self._url, self._headers, self._body, self._size = b"", [], [], 0
+        self._in_head, self._head_size = True, 0   # bytes of a head still being read
+        self._done = 0   # requests read whole
 
     # -- asyncio ----------------------------------------------------------------------------
 
@@ -106,7 +110,16 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         try:
+            done = self._done
             self.parser.feed_data(data)
+            # a head that has not ended, with no request ended in this chunk: count it whole
+            # (a chunk that ended one holds less than a chunk of the next head)
+            if self._in_head and done == self._done:
+                self._head_size += len(data)
+                if self._head_size > self.config.max_head_bytes:
+                    self._refuse(431, f"the request head is over this server's limit of "
+                                 f"{self.config.max_head_bytes} bytes",
+                                 "request_header_fields_too_large")
         except httptools.HttpParserUpgrade:   # (h2c, websocket) not offered: answered as
             self.closing = True                # plain HTTP/1.1, then the connection closes
             if self.queue:
@@ -119,6 +132,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._url, self._headers, self._body, self._size = b"", [], [], 0
+        self._in_head = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -128,6 +142,7 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._in_head, self._head_size = False, 0
         length = next((v for k, v in self._headers if k == b"content-length"), None)
         limit = self.config.max_body_bytes
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -147,6 +162,7 @@ class Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._done += 1
         if self.closing:
             return
         self._disarm()

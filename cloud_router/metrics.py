@@ -18,7 +18,8 @@ place, the app for what it refuses before forwarding (the router's own pages and
     none           unknown_model   404: refused by the router, no endpoint ever served it
     none           bad_request     400: refused by the router (not JSON, no model, bad hint,
                                    not HTTP); 405: not a POST
-    none           too_large       413: a body over --max-body-bytes, refused unread
+    none           too_large       413: a body over --max-body-bytes, refused unread; 431: a
+                                   request head over 64 KiB
     none           body_timeout    408: a body that did not arrive in time
 
 (413 and 408 are counted on every POST path, since the body is refused before routing.)

@@ -37,7 +37,8 @@ DROPPED_RESPONSE_HEADERS = frozenset((
     "x-edgegen-node", "x-edgegen-tier", "x-edgegen-route", LOAD_HEADER))
 # edgegen_router_requests_total{tier="none", outcome} of the requests refused here.
 REFUSED_OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "unknown_model",
-                    405: "bad_request", 408: "body_timeout", 413: "too_large"}
+                    405: "bad_request", 408: "body_timeout", 413: "too_large",
+                    431: "too_large"}
 
 
 class ClientError(Exception):

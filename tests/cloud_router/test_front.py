@@ -144,6 +144,26 @@ def test_a_body_over_the_limit_is_refused_unread_by_its_length_or_as_it_passes_i
     assert _refused(front, "too_large") == before + 2
 
 
+def test_a_head_over_the_limit_is_a_431_and_the_parser_keeps_none_of_it(front):
+    before = _refused(front, "too_large")
+    with _connect(front) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: r\r\nx-big: ")
+        try:
+            for _ in range(64):   # 1 MiB of one header's value, never ended
+                sock.sendall(b"v" * 16384)
+        except OSError:   # refused and closed before all of it went out
+            pass
+        ((status, headers, body),) = _answers(_read_all(sock))
+    assert status == 431 and headers["connection"] == "close"
+    assert json.loads(body)["error"]["code"] == "request_header_fields_too_large"
+    assert _refused(front, "too_large") == before + 1
+    with _connect(front) as sock:   # pipelined requests after a large body are not heads
+        big = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 3000}]})
+        sock.sendall(_post(big.encode()) * 3 + b"GET /healthz HTTP/1.1\r\nhost: r\r\n"
+                     b"connection: close\r\n\r\n")
+        assert [a[0] for a in _answers(_read_all(sock))] == [200, 200, 200, 200]
+
+
 def test_a_body_that_does_not_arrive_in_time_is_a_408(front):
     before = _refused(front, "body_timeout")
     with _connect(front) as sock:
