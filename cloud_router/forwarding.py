@@ -1,8 +1,8 @@
 """Sending a request to the chosen endpoint, and trying another one when that fails.
 
 The one module that sends requests to upstream agents (through ``cloud_router.upstream``'s
-pool of keep-alive connections; ``streams`` reads their SSE answers). It says what happened and builds no
-HTTP response; the proxy maps the outcome to one:
+pool of keep-alive connections; ``streams`` reads their SSE answers). It says what happened
+and builds no HTTP response; the proxy maps the outcome to one:
 
     Forwarded   an upstream's answer, to pass on as it is: a whole body, or an SSE stream
                 whose first bytes have arrived (``UpstreamStream``)

@@ -41,6 +41,7 @@ from cloud_router.front_asgi import AsgiExchange, Lifespan
 from cloud_router.limits import (
     DEFAULT_HEAD_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEAD_BYTES,
     DEFAULT_READ_TIMEOUT_S,
 )
 from cloud_router.protocol import error_body
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FrontConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_head_bytes: int = 64 * 1024   # request line and headers (HAProxy's buffer: 16 KiB)
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
     head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
     body_timeout_s: float = DEFAULT_READ_TIMEOUT_S
 
@@ -186,7 +187,11 @@ class Connection(asyncio.Protocol):
         try:
             while self.queue and not self.left.done():
                 request = self.queue.popleft()
-                keep = await self._answer(request)
+                try:
+                    keep = await self._answer(request)
+                except Exception:   # a bug: this connection ends, the server goes on
+                    log.exception("answering a request failed", extra={"path": request.path})
+                    keep = False
                 if not keep or (self.closing and not self.queue):   # the last one read
                     if keep and self._refusal is not None and not self.left.done():
                         self.write_whole(self._refusal, keep=False)
@@ -194,7 +199,8 @@ class Connection(asyncio.Protocol):
                     self.queue.clear()
                     self.transport.close()
                     return
-                self.transport.resume_reading()
+                if not self.transport.is_closing():
+                    self.transport.resume_reading()
         finally:
             self.busy = False
         if not self.closing and not self.left.done():
@@ -218,6 +224,12 @@ class Connection(asyncio.Protocol):
             return await self._write_stream(reply, keep, request.http_version)
         return await AsgiExchange(self, request, keep).run(self.handler.asgi)
 
+    def write(self, data: bytes) -> None:
+        """Writes unless the client is gone (uvloop raises on a closed transport; an answer
+        finished after its client left goes nowhere)."""
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
     def head(self, status: int, headers, keep: bool) -> bytes:
         lines = [_status_line(status)]
         lines += [k + b": " + v + b"\r\n" for k, v in headers]
@@ -228,7 +240,7 @@ class Connection(asyncio.Protocol):
 
     def write_whole(self, reply: Reply, keep: bool, head_only: bool = False) -> None:
         headers = [*reply.headers, (b"content-length", str(len(reply.body)).encode())]
-        self.transport.write(self.head(reply.status, headers, keep)
+        self.write(self.head(reply.status, headers, keep)
                              + (b"" if head_only else reply.body))
 
     async def _write_stream(self, reply: Reply, keep: bool, version: str) -> bool:
@@ -243,15 +255,15 @@ class Connection(asyncio.Protocol):
 
         async def pump() -> None:
             nonlocal delivered
-            self.transport.write(self.head(reply.status, headers, keep))
+            self.write(self.head(reply.status, headers, keep))
             async for event in events:
-                self.transport.write(b"%x\r\n%s\r\n" % (len(event), event) if chunked else event)
+                self.write(b"%x\r\n%s\r\n" % (len(event), event) if chunked else event)
                 if self.writable is not None:
                     await self.writable
                 if self.left.done():
                     return
             if chunked:
-                self.transport.write(b"0\r\n\r\n")
+                self.write(b"0\r\n\r\n")
             delivered = True
 
         pumping = asyncio.ensure_future(pump())

@@ -72,19 +72,19 @@ class AsgiExchange:
             length = next((v for k, v in self.headers if k == b"content-length"), None)
             if length is not None and head_only:
                 headers.append((b"content-length", length))
-                conn.transport.write(conn.head(self.status, headers, self.keep))
+                conn.write(conn.head(self.status, headers, self.keep))
             else:
                 conn.write_whole(Reply(self.status, headers, body), self.keep, head_only)
             return
         if not self.chunked:
             self.chunked = True
-            conn.transport.write(conn.head(
+            conn.write(conn.head(
                 self.status, [*self.headers, (b"transfer-encoding", b"chunked")], self.keep))
         if body and not head_only:
-            conn.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+            conn.write(b"%x\r\n%s\r\n" % (len(body), body))
         if not more:
             self.finished = True
-            conn.transport.write(b"0\r\n\r\n")
+            conn.write(b"0\r\n\r\n")
         if conn.writable is not None:
             await conn.writable
 

@@ -16,6 +16,8 @@ from typing import Any
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 DEFAULT_READ_TIMEOUT_S = 30.0
 DEFAULT_HEAD_TIMEOUT_S = 10.0
+# request line and headers (HAProxy's whole buffer is 16 KiB; the agent's h11, 16 KiB)
+DEFAULT_MAX_HEAD_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 64
 
 

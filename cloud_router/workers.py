@@ -8,9 +8,9 @@ directory made for the run (prometheus-client's multiprocess mode), so a scrape 
 worker counts the whole router; the endpoint gauges are the scraped worker's own view.
 
 This module is the parent: it imports nothing of the router but its errors (prometheus-client
-must see the directory before it is first imported in a worker), starts the workers (spawned: a fresh interpreter,
-the settings passed through a pipe, so no secret shows in a process listing), restarts one
-that dies, and on SIGINT/SIGTERM stops them all and waits.
+must see the directory before a worker first imports it), starts the workers (spawned: a
+fresh interpreter, the settings passed through a pipe, so no secret shows in a process
+listing), restarts one that dies, and on SIGINT/SIGTERM stops them all and waits.
 """
 
 from __future__ import annotations

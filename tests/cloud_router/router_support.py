@@ -55,7 +55,7 @@ class ServerThread:
 class Upstream:
     """A fake agent. ``mode``: ok | 500 | 429 | break (stream breaks after 2 events) | other
     (streams other words: a replay that cannot join) | garbage (200, an HTML page) | cut (200,
-    JSON cut short)."""
+    JSON cut short) | slow (ok, half a second late)."""
 
     node: str
     tier: str = "edge"
@@ -94,6 +94,8 @@ class Upstream:
                 return JSONResponse({"error": {"message": "busy", "type": "rate_limit",
                                                "param": None, "code": None}}, 429,
                                     {**headers, "retry-after": "1"})
+            if self.mode == "slow":   # answers, half a second late
+                await asyncio.sleep(0.5)
             if self.mode == "garbage":
                 return Response(b"<html>proxy error</html>", 200, media_type="text/html")
             if self.mode == "cut":

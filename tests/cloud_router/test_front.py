@@ -190,6 +190,22 @@ def test_a_head_that_does_not_arrive_in_time_closes_the_connection(front):
     assert time.monotonic() - started < 5
 
 
+def test_a_client_that_leaves_before_its_answer_costs_nothing_but_that_answer(
+        front, upstreams, caplog):
+    """Its answer goes nowhere (uvloop raises on a closed transport: nothing may try), nothing
+    is logged as an error, and the next clients are served."""
+    upstreams["eu"].mode = upstreams["eu2"].mode = "slow"
+    for _ in range(5):
+        with _connect(front) as sock:
+            sock.sendall(_post(CHAT))   # and gone before the slow answer
+    time.sleep(1.0)
+    upstreams["eu"].mode = upstreams["eu2"].mode = "ok"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    with _connect(front) as sock:
+        sock.sendall(_post(CHAT, b"connection: close\r\n"))
+        assert [a[0] for a in _answers(_read_all(sock))] == [200]
+
+
 def test_a_stream_goes_out_chunked_and_a_client_that_leaves_cancels_it(front, upstreams):
     body = json.dumps({"model": "tiny", "stream": True, "max_tokens": 200, "delay": 0.05,
                        "user": "front-leaver", "messages": [{"role": "user", "content": "x"}]})
