@@ -240,8 +240,7 @@ class Connection(asyncio.Protocol):
 
     def write_whole(self, reply: Reply, keep: bool, head_only: bool = False) -> None:
         headers = [*reply.headers, (b"content-length", str(len(reply.body)).encode())]
-        self.write(self.head(reply.status, headers, keep)
-                             + (b"" if head_only else reply.body))
+        self.write(self.head(reply.status, headers, keep) + (b"" if head_only else reply.body))
 
     async def _write_stream(self, reply: Reply, keep: bool, version: str) -> bool:
         """Sends a stream's events as they arrive while watching for the client leaving, and
