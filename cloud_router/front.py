@@ -230,6 +230,10 @@ class Connection(asyncio.Protocol):
         if not self.transport.is_closing():
             self.transport.write(data)
 
+    def write_chunk(self, data: bytes) -> None:
+        """One chunk of a chunked answer (an empty one ends it)."""
+        self.write(b"%x\r\n%s\r\n" % (len(data), data))
+
     def head(self, status: int, headers, keep: bool) -> bytes:
         lines = [_status_line(status)]
         lines += [k + b": " + v + b"\r\n" for k, v in headers]
@@ -256,13 +260,16 @@ class Connection(asyncio.Protocol):
             nonlocal delivered
             self.write(self.head(reply.status, headers, keep))
             async for event in events:
-                self.write(b"%x\r\n%s\r\n" % (len(event), event) if chunked else event)
+                if chunked:
+                    self.write_chunk(event)
+                else:
+                    self.write(event)
                 if self.writable is not None:
                     await self.writable
                 if self.left.done():
                     return
             if chunked:
-                self.write(b"0\r\n\r\n")
+                self.write_chunk(b"")
             delivered = True
 
         pumping = asyncio.ensure_future(pump())

@@ -81,10 +81,10 @@ class AsgiExchange:
             conn.write(conn.head(
                 self.status, [*self.headers, (b"transfer-encoding", b"chunked")], self.keep))
         if body and not head_only:
-            conn.write(b"%x\r\n%s\r\n" % (len(body), body))
+            conn.write_chunk(body)
         if not more:
             self.finished = True
-            conn.write(b"0\r\n\r\n")
+            conn.write_chunk(b"")
         if conn.writable is not None:
             await conn.writable
 

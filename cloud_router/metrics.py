@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, multiproces
 from prometheus_client.core import GaugeMetricFamily
 
 STATES = ("healthy", "ejected", "probing", "probe-due")
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"   # set by cloud_router.workers for its workers
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"   # prometheus-client's; cloud_router.workers sets it
 
 
 def counters_registry(registry: CollectorRegistry) -> CollectorRegistry | None:
@@ -49,9 +49,9 @@ def counters_registry(registry: CollectorRegistry) -> CollectorRegistry | None:
 class RouterMetrics:
     def __init__(self, rows: Callable[[], list[dict]]):
         self.registry = CollectorRegistry()
-        if os.environ.get(MULTIPROC_ENV):   # every worker's counters, whichever is scraped
-            multiprocess.MultiProcessCollector(self.registry)
         registry = counters_registry(self.registry)
+        if registry is None:   # every worker's counters, whichever worker is scraped
+            multiprocess.MultiProcessCollector(self.registry)
         self.requests = Counter(
             "edgegen_router_requests", "Requests the router answered, by tier and outcome.",
             ["tier", "outcome"], registry=registry)

@@ -199,8 +199,7 @@ class UpstreamResponse:
         if self.complete and self.keep_alive and not conn.closed and not self._chunks:
             self._pool._put(self._key, conn)
         else:
-            conn.transport.close()
-            self._pool._open -= 1
+            self._pool._drop(conn)
 
     def close(self) -> None:
         """Done with the answer, whatever was read: the connection is closed (the agent sees
@@ -209,8 +208,7 @@ class UpstreamResponse:
             return
         self._done = True
         self._conn.response = None
-        self._conn.transport.close()
-        self._pool._open -= 1
+        self._pool._drop(self._conn)
 
 
 class UpstreamPool:
@@ -255,9 +253,13 @@ class UpstreamPool:
             conn = idle.pop()
             if not conn.closed and now - conn.idle_since < self.keepalive_expiry_s:
                 return conn
-            conn.transport.close()
-            self._open -= 1
+            self._drop(conn)
         return None
+
+    def _drop(self, conn: _Connection) -> None:
+        """Closes a connection of this pool, for good."""
+        conn.transport.close()
+        self._open -= 1
 
     def _put(self, key, conn: _Connection) -> None:
         conn.idle_since = time.monotonic()
@@ -285,8 +287,7 @@ class UpstreamPool:
     def _close_idle(self) -> None:
         for idle in self._idle.values():
             for conn in idle:
-                conn.transport.close()
-                self._open -= 1
+                self._drop(conn)
             idle.clear()
 
     async def aclose(self) -> None:

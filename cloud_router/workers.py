@@ -7,10 +7,10 @@ node. What workers share is the metrics: counters and histograms are kept in fil
 directory made for the run (prometheus-client's multiprocess mode), so a scrape of any
 worker counts the whole router; the endpoint gauges are the scraped worker's own view.
 
-This module is the parent: it imports nothing of the router but its errors (prometheus-client
-must see the directory before a worker first imports it), starts the workers (spawned: a
-fresh interpreter, the settings passed through a pipe, so no secret shows in a process
-listing), restarts one that dies, and on SIGINT/SIGTERM stops them all and waits.
+This module is the parent: it sets the directory before any worker starts (prometheus-client
+reads it when a process first imports it; the parent makes no metrics), starts the workers
+(spawned: a fresh interpreter, the settings passed through a pipe, so no secret shows in a
+process listing), restarts one that dies, and on SIGINT/SIGTERM stops them all and waits.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable
 
 from cloud_router.errors import RouterError
+from cloud_router.metrics import MULTIPROC_ENV
 
 log = logging.getLogger(__name__)
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"   # prometheus-client's; cloud_router.metrics reads
 _STOP_WAIT_S = 30.0
 
 

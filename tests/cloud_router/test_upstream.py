@@ -30,6 +30,16 @@ async def _serve(answer) -> tuple[asyncio.AbstractServer, int, list]:
     return server, server.sockets[0].getsockname()[1], connections
 
 
+async def _fails(answer, pool: UpstreamPool | None = None, match: str | None = None) -> None:
+    """A request to a server running ``answer`` raises UpstreamError (matching ``match``)."""
+    server, port, _ = await _serve(answer)
+    try:
+        with pytest.raises(UpstreamError, match=match):
+            await (pool or UpstreamPool()).request("127.0.0.1", port, "/x", [], b"{}")
+    finally:
+        server.close()
+
+
 async def _read_request(reader) -> bytes:
     head = await reader.readuntil(b"\r\n\r\n")
     length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
@@ -82,13 +92,7 @@ def test_a_pooled_connection_closed_as_the_request_goes_out_is_sent_once_more():
     async def hang_up(reader, writer):
         await _read_request(reader)
 
-    async def fresh():
-        server, port, _ = await _serve(hang_up)
-        with pytest.raises(UpstreamError, match="connection closed"):
-            await UpstreamPool().request("127.0.0.1", port, "/x", [], b"{}")
-        server.close()
-
-    asyncio.run(fresh())
+    asyncio.run(_fails(hang_up, match="connection closed"))
 
 
 def test_a_connection_reused_at_once_carries_every_request():
@@ -116,31 +120,22 @@ def test_a_connection_reused_at_once_carries_every_request():
 
 @pytest.mark.parametrize("reply", [b"SSH-2.0-OpenSSH_9.2\r\n", b"HTTP/1.1 200 OK\r\ncontent-len"])
 def test_garbage_or_a_cut_head_is_an_upstream_error(reply):
-    async def main():
-        async def garbage(reader, writer):
-            await _read_request(reader)
-            writer.write(reply)
-            await writer.drain()
+    async def garbage(reader, writer):
+        await _read_request(reader)
+        writer.write(reply)
+        await writer.drain()
 
-        server, port, _ = await _serve(garbage)
-        with pytest.raises(UpstreamError):
-            await UpstreamPool().request("127.0.0.1", port, "/x", [], b"{}")
-        server.close()
-
-    asyncio.run(main())
+    asyncio.run(_fails(garbage))
 
 
 def test_silence_is_an_upstream_error_after_the_read_timeout():
-    async def main():
-        async def silent(reader, writer):
-            await asyncio.sleep(5)
+    async def silent(reader, writer):
+        await asyncio.sleep(5)
 
-        server, port, _ = await _serve(silent)
+    async def main():
         loop = asyncio.get_running_loop()
         started = loop.time()
-        with pytest.raises(UpstreamError, match="no byte"):
-            await UpstreamPool(read_timeout_s=0.3).request("127.0.0.1", port, "/x", [], b"{}")
-        server.close()
+        await _fails(silent, UpstreamPool(read_timeout_s=0.3), match="no byte")
         return loop.time() - started
 
     assert asyncio.run(main()) < 2

@@ -272,7 +272,6 @@ def test_a_reset_requested_while_a_reread_is_placed_leaves_no_entry(tiny_genai_b
         engine.close()
 
 
-
 def test_a_short_prompt_left_for_the_next_step_is_still_read_whole(tiny_genai_bundle):
     """Short prompts beyond a step's 256 tokens are placed and left: the next step reads
     the first of them whole, not in chunks."""
@@ -294,6 +293,7 @@ def test_a_short_prompt_left_for_the_next_step_is_still_read_whole(tiny_genai_bu
             engine.release(seq)
     finally:
         engine.close()
+
 
 def test_the_row_a_sequence_left_is_taken_only_where_prefill_read_it(tiny_genai_bundle,
                                                                     monkeypatch):
