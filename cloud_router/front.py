@@ -48,6 +48,8 @@ from cloud_router.protocol import error_body
 
 log = logging.getLogger(__name__)
 
+LINGER_S = 2.0   # how long a refused client's remaining bytes are read and dropped
+
 
 @dataclass(frozen=True)
 class FrontConfig:
@@ -193,11 +195,12 @@ class Connection(asyncio.Protocol):
                     log.exception("answering a request failed", extra={"path": request.path})
                     keep = False
                 if not keep or (self.closing and not self.queue):   # the last one read
-                    if keep and self._refusal is not None and not self.left.done():
-                        self.write_whole(self._refusal, keep=False)
                     self.closing = True
                     self.queue.clear()
-                    self.transport.close()
+                    if keep and self._refusal is not None and not self.left.done():
+                        self._send_refusal(self._refusal)
+                    else:
+                        self.transport.close()
                     return
                 if not self.transport.is_closing():
                     self.transport.resume_reading()
@@ -294,8 +297,22 @@ class Connection(asyncio.Protocol):
         if self.busy:   # an answer is being written: this one follows it
             self._refusal = reply
             return
+        self._send_refusal(reply)
+
+    def _send_refusal(self, reply: Reply) -> None:
+        """Writes the refusal, then a lingering close (nginx's, HTTP/1.1's section 9.6): our
+        side ends (FIN) and what the client still sends is read and dropped for a moment.
+        Closing with its bytes unread would send a reset, which may destroy the answer
+        before the client reads it."""
         self.write_whole(reply, keep=False)
-        self.transport.close()
+        if self.transport.is_closing():
+            return
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.transport.resume_reading()   # data_received drops it: the connection is closing
+        self._arm(LINGER_S, self.transport.close)
 
     def _refuse_large(self, length: bytes | None) -> None:
         said = f" ({length.decode(errors='replace')} bytes)" if length else ""
