@@ -245,9 +245,9 @@ class Connection(asyncio.Protocol):
         lines.append(b"\r\n")
         return b"".join(lines)
 
-    def write_whole(self, reply: Reply, keep: bool, head_only: bool = False) -> None:
+    def write_whole(self, reply: Reply, keep: bool) -> None:
         headers = [*reply.headers, (b"content-length", str(len(reply.body)).encode())]
-        self.write(self.head(reply.status, headers, keep) + (b"" if head_only else reply.body))
+        self.write(self.head(reply.status, headers, keep) + reply.body)
 
     async def _write_stream(self, reply: Reply, keep: bool, version: str) -> bool:
         """Sends a stream's events as they arrive while watching for the client leaving, and

@@ -65,26 +65,27 @@ class AsgiExchange:
         if message["type"] != "http.response.body" or self.finished or conn.left.done():
             return
         body, more = message.get("body", b""), message.get("more_body", False)
-        head_only = self.request.method == "HEAD"
+        head_only = self.request.method == "HEAD"   # the head a GET would get, no body
         if not self.chunked and not more:   # the usual case: the whole answer at once
             self.finished = True
-            headers = [(k, v) for k, v in self.headers if k != b"content-length"]
-            length = next((v for k, v in self.headers if k == b"content-length"), None)
-            if length is not None and head_only:
-                headers.append((b"content-length", length))
-                conn.write(conn.head(self.status, headers, self.keep))
+            if head_only:
+                length = any(k == b"content-length" for k, _ in self.headers)
+                conn.write(conn.head(self.status, self.headers if length else [
+                    *self.headers, (b"content-length", str(len(body)).encode())], self.keep))
             else:
-                conn.write_whole(Reply(self.status, headers, body), self.keep, head_only)
+                conn.write_whole(Reply(self.status, [
+                    (k, v) for k, v in self.headers if k != b"content-length"], body), self.keep)
             return
         if not self.chunked:
             self.chunked = True
             conn.write(conn.head(
                 self.status, [*self.headers, (b"transfer-encoding", b"chunked")], self.keep))
-        if body and not head_only:
+        if not head_only and body:
             conn.write_chunk(body)
         if not more:
             self.finished = True
-            conn.write_chunk(b"")
+            if not head_only:   # not even the last chunk: an answer to HEAD has no body
+                conn.write_chunk(b"")
         if conn.writable is not None:
             await conn.writable
 

@@ -104,6 +104,57 @@ def test_expect_100_continue_is_answered_before_the_body(front):
     assert status == 200
 
 
+def test_an_answer_to_head_is_the_head_alone_and_the_connection_goes_on(front):
+    """The router's pages take GET only: HEAD is a 405, its head without the JSON body."""
+    with _connect(front) as sock:
+        sock.sendall(b"HEAD /healthz HTTP/1.1\r\nhost: r\r\n\r\n"
+                     b"GET /healthz HTTP/1.1\r\nhost: r\r\nconnection: close\r\n\r\n")
+        raw = _read_all(sock)
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 ") and b"content-length: " in head
+    ((status, _headers, body),) = _answers(rest)   # right after the head: no body between
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+
+
+class _StreamingPage:
+    """A front handler whose every request goes to an ASGI app that streams its answer."""
+
+    def native(self, method: str, path: str) -> bool:
+        return False
+
+    def refused(self, status: int) -> None:
+        pass
+
+    async def asgi(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                event = (await receive())["type"]
+                await send({"type": event + ".complete"})
+                if event == "lifespan.shutdown":
+                    return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"one ", "more_body": True})
+        await send({"type": "http.response.body", "body": b"two"})
+
+
+def test_a_streamed_page_goes_out_chunked_and_its_answer_to_head_has_no_chunk():
+    server = ServerThread(_StreamingPage(), server=lambda h, host, port: FrontServer(
+        h, host, port, install_signals=False))
+    try:
+        with _connect(server) as sock:
+            sock.sendall(b"HEAD / HTTP/1.1\r\nhost: r\r\n\r\n"
+                         b"GET / HTTP/1.1\r\nhost: r\r\nconnection: close\r\n\r\n")
+            raw = _read_all(sock)
+    finally:
+        server.stop()
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in head
+    head, _, body = rest.partition(b"\r\n\r\n")   # the GET's answer right after the head
+    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in head
+    assert body == b"4\r\none \r\n3\r\ntwo\r\n0\r\n\r\n"
+
+
 @pytest.mark.parametrize("request_bytes", [
     b"NOT HTTP AT ALL\r\n\r\n",
     b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}",
@@ -132,7 +183,7 @@ def test_a_body_over_the_limit_is_refused_unread_by_its_length_or_as_it_passes_i
     before = _refused(front, "too_large")
     with _connect(front) as sock:   # announced: refused before a byte of it is sent
         sock.sendall(_post(b"").replace(b"content-length: 0", b"content-length: 999999999"))
-        ((status, headers, body),) = _answers(_read_all(sock))
+        ((status, _headers, body),) = _answers(_read_all(sock))
     assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
     with _connect(front) as sock:   # chunked: refused once the chunks pass the limit
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: r\r\n"
@@ -169,7 +220,7 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408(front):
     with _connect(front) as sock:
         sock.sendall(_post(CHAT)[:-5])   # the last bytes never come
         started = time.monotonic()
-        ((status, headers, body),) = _answers(_read_all(sock))
+        ((status, _headers, body),) = _answers(_read_all(sock))
     assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
     assert time.monotonic() - started < 5
     assert _refused(front, "body_timeout") == before + 1
