@@ -16,6 +16,9 @@
    /proc/<pid>/stat, the router's worker children included). Then a trickle: one keep-alive
    client at a fixed low rate (open loop) against the same three, p50/p99 added over direct.
    Prints the bars (router against HAProxy, as ratios) met or missed; never fails on them.
+   Two reference points run under the load too (`python_floor.py`): a bare callback-only
+   Python proxy, the cheapest data path Python has here, and the same making the router's own
+   per-request decisions, which is what that logic costs with no data path overhead.
 
     python benchmarks/router.py [--part all|latency|distance|overhead] [--bundle DIR]
                                 [--rate 5] [--requests 150] [--rounds 3]
@@ -37,6 +40,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -286,6 +290,21 @@ frontend standin
                             stderr=open(tmp / "standin.log", "wb"))
 
 
+FLOOR_SCRIPT = Path(__file__).with_name("python_floor.py")
+# name -> python_floor.py's flags: a bare callback proxy, and the same making the router's
+# per-request decisions
+FLOORS = {"py-floor": [], "py-floor+logic": ["--router-logic"]}
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} (exit code {proc.poll()})")
+
+
 def register_standin(consul: str, port: int) -> None:
     """Register the stand-in as an edge the way `edgegen agent` registers itself
     (edge_agent/registration.py: service name, ID, Meta keys, an HTTP check)."""
@@ -423,6 +442,12 @@ def overhead(tmp: Path, rounds: int, secs: float, connections: int, trickle_rate
 
         targets = {"direct": (direct, None), "haproxy": (ha_url, hp.pid),
                    "router": (router_url, r.pid)}
+        for name, extra in FLOORS.items():   # reference points, under load only
+            fport = free_port()
+            fp = started(subprocess.Popen([sys.executable, str(FLOOR_SCRIPT), "--port",
+                                           str(fport), "--upstream-port", str(sport), *extra]))
+            wait_port(fport, fp)
+            targets[name] = (f"http://127.0.0.1:{fport}", fp.pid)
         script = wrk_script(tmp)
         for url, _ in targets.values():  # warm up: connections, pools, first-call paths
             run_wrk(url, script, 1, connections)
@@ -430,7 +455,7 @@ def overhead(tmp: Path, rounds: int, secs: float, connections: int, trickle_rate
         cpu: dict[str, float] = {name: 0.0 for name in targets}
         names = list(targets)
         for i in range(rounds):
-            for name in names[i % 3:] + names[:i % 3]:  # rotate who goes first
+            for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who is first
                 url, pid = targets[name]
                 before = cpu_seconds(pid) if pid else {}
                 runs[name].append(run_wrk(url, script, secs, connections))
@@ -438,7 +463,8 @@ def overhead(tmp: Path, rounds: int, secs: float, connections: int, trickle_rate
                     cpu[name] += cpu_used(before, cpu_seconds(pid))
 
         headers = {"x-edgegen-region": "eu-west"}
-        lat: dict[str, list[float]] = {name: [] for name in targets}
+        names = names[:3]
+        lat: dict[str, list[float]] = {name: [] for name in names}
         for i in range(rounds):
             for name in names[i % 3:] + names[:i % 3]:
                 lat[name] += asyncio.run(run_rate(targets[name][0], STANDIN_MODEL,
@@ -450,14 +476,14 @@ def overhead(tmp: Path, rounds: int, secs: float, connections: int, trickle_rate
           f"itself), {rounds} alternating rounds, median over rounds")
     print(f"load: {' '.join(wrk_version[:2])} -t1 -c{connections} -d{secs:g}s, POST "
           f"/v1/chat/completions (a short chat request, region hint eu-west)")
-    print(f"{'target':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
+    print(f"{'target':<14} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
           f"{'+p99 ms':>8} {'non-2xx':>8} {'sock err':>8} {'CPU ms/1k req':>14}")
     d = med["direct"]
     for name, m in med.items():
         total = sum(run["requests"] for run in runs[name])
         per_k = f"{cpu[name] * 1000 / total * 1000:14.1f}" if targets[name][1] and total \
             else f"{'':>14}"
-        print(f"{name:<10} {m['rps']:9.0f} {m['p50']:8.2f} {m['p99']:8.2f} "
+        print(f"{name:<14} {m['rps']:9.0f} {m['p50']:8.2f} {m['p99']:8.2f} "
               f"{m['p50'] - d['p50']:+8.2f} {m['p99'] - d['p99']:+8.2f} "
               f"{sum(run['non2xx'] for run in runs[name]):8d} "
               f"{sum(run['sock'] for run in runs[name]):8d} {per_k}")
@@ -484,6 +510,9 @@ def overhead(tmp: Path, rounds: int, secs: float, connections: int, trickle_rate
     hadd99 = med["haproxy"]["p99"] - d["p99"]
     bar(f"router added p99 vs max(5 ms, 2 x HAProxy's {hadd99:+.2f} ms)",
         med["router"]["p99"] - d["p99"], max(5.0, 2 * hadd99), " ms")
+    print("reference points (benchmarks/python_floor.py), req/s against HAProxy's:")
+    for name in FLOORS:
+        print(f"  {name}: {med[name]['rps'] / med['haproxy']['rps']:.2f}x")
 
 
 def main() -> None:

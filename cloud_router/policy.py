@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 from cloud_router.endpoints import Endpoint
 from cloud_router.geo import great_circle_km
@@ -38,8 +38,10 @@ from cloud_router.stats import EndpointStats
 _NO_STATS = EndpointStats()
 
 
-@dataclass(frozen=True)
-class RequestHints:
+class RequestHints(NamedTuple):
+    """What a request says of where it should go (a tuple: one is made per request, and a
+    frozen dataclass costs several times as much to make)."""
+
     model: str
     region: str = ""
     zone: str = ""
@@ -181,16 +183,23 @@ def _nearness(e: Endpoint, hints: RequestHints, s: EndpointStats) -> tuple[int, 
     return cls, "ewma", s.ewma_ms if s.ewma_ms is not None else 0.0
 
 
+def _rank(item: tuple[tuple[int, str, float], Endpoint]) -> tuple[int, float, str]:
+    (cls, _evidence, value), e = item
+    return cls, value, e.id
+
+
 def _pick(cands, ctx: _Context, route: str | None) -> Decision:
     hints, stats, config = ctx.hints, ctx.stats, ctx.config
-    keyed = sorted(((_nearness(e, hints, stats.get(e.id, _NO_STATS)), e) for e in cands),
-                   key=lambda t: (t[0][0], t[0][2], t[1].id))
+    keyed = [(_nearness(e, hints, stats.get(e.id, _NO_STATS)), e) for e in cands]
+    if len(keyed) > 1:
+        keyed.sort(key=_rank)
     (best_cls, evidence, best_val), _ = keyed[0]
     slack = config.slack_km if evidence == "location" else config.slack_ms
     limit = best_val + max(slack, config.slack_ratio * best_val)
     near = [e for (cls, _ev, val), e in keyed if cls == best_cls and val <= limit]
-    queued = {e.id: _queued(e, ctx) for _k, e in keyed}
-    scores = _scores([(k, e) for k, e in keyed if k[0] == best_cls], best_val, queued, ctx)
+    queued = _queues(keyed, ctx)
+    scores = _scores([(k, e) for k, e in keyed if k[0] == best_cls], best_val, queued, ctx) \
+        if queued or ctx.affinity else {}   # neither: nothing to trade (the usual case)
     if scores:   # queues or cached prefixes: the explicit trade
         best = min(scores.values())
         near = sorted((e for _k, e in keyed if e.id in scores
@@ -202,7 +211,7 @@ def _pick(cands, ctx: _Context, route: str | None) -> Decision:
         a, b = (near[i] for i in ctx.rng.sample(range(len(near)), 2))
         chosen = b if _load(b, stats) < _load(a, stats) else a
     s = stats.get(chosen.id, _NO_STATS)
-    cls, ev, val = next(k for k, e in keyed if e is chosen)
+    cls, ev, val = keyed[0][0] if len(keyed) == 1 else next(k for k, e in keyed if e is chosen)
     if cls == 0 and hints.zone:
         why = f"zone={chosen.zone}"
     elif cls <= 1 and hints.region:
@@ -214,13 +223,13 @@ def _pick(cands, ctx: _Context, route: str | None) -> Decision:
     else:
         why = f"ewma={val:.1f}ms" if s.ewma_ms is not None else "ewma=unmeasured"
     if scores:
-        why = (f"placed:{why},queued={queued[chosen.id]},"
+        why = (f"placed:{why},queued={queued.get(chosen.id, 0)},"
                f"cached={ctx.affinity.get(chosen.id, 0)}chars")
     else:
         why = f"nearest:{why}"
     ranked = tuple(
         Ranked(e.id, e.node, e.tier, ev_, round(v, 3) if math.isfinite(v) else "unknown",
-               stats.get(e.id, _NO_STATS).inflight, "candidate", queued[e.id],
+               stats.get(e.id, _NO_STATS).inflight, "candidate", queued.get(e.id, 0),
                ctx.affinity.get(e.id, 0),
                round(scores[e.id], 3) if e.id in scores and math.isfinite(scores[e.id])
                else None)
@@ -229,11 +238,19 @@ def _pick(cands, ctx: _Context, route: str | None) -> Decision:
                     candidates=ranked, skipped=ctx.skipped)
 
 
-def _queued(e: Endpoint, ctx: _Context) -> int:
+def _queues(keyed, ctx: _Context) -> dict[str, int]:
+    """Endpoint id -> requests it reported queued (fresh reports only), for the endpoints
+    that have any; empty unless placement weighs queues."""
     if ctx.config.placement != "cache":
-        return 0
-    return ctx.stats.get(e.id, _NO_STATS).queued(ctx.now, ctx.config.report_ttl_s,
-                                                  e.max_concurrency)
+        return {}
+    queues = {}
+    for _k, e in keyed:
+        s = ctx.stats.get(e.id)
+        if s is not None and s.reported_at is not None:
+            n = s.queued(ctx.now, ctx.config.report_ttl_s, e.max_concurrency)
+            if n:
+                queues[e.id] = n
+    return queues
 
 
 def _scores(members, best_val: float, queued: Mapping[str, int],
@@ -244,10 +261,10 @@ def _scores(members, best_val: float, queued: Mapping[str, int],
     c = ctx.config
     credit = {e.id: min(c.max_cache_credit_ms, ctx.affinity.get(e.id, 0) * c.prefill_ms_per_char)
               for _k, e in members}
-    if not any(queued[e.id] or credit[e.id] > c.slack_ms for _k, e in members):
+    if not any(queued.get(e.id) or credit[e.id] > c.slack_ms for _k, e in members):
         return {}
     return {e.id: (val - best_val) / (100.0 if ev == "location" else 1.0)
-            + c.queue_ms * queued[e.id] - credit[e.id]
+            + c.queue_ms * queued.get(e.id, 0) - credit[e.id]
             for (_cls, ev, val), e in members}
 
 

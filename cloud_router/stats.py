@@ -15,7 +15,7 @@ outcome decides (success brings it back, failure ejects it again for longer). Ej
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Collection, Mapping
 
@@ -68,7 +68,6 @@ class EndpointStats:
 
 
 _NEW = EndpointStats()
-_FIELDS = frozenset(f.name for f in fields(EndpointStats))
 
 
 class StatsBook:
@@ -92,57 +91,66 @@ class StatsBook:
         for key in [k for k, s in self._stats.items() if k not in ids and s.inflight == 0]:
             del self._stats[key]
 
-    def _set(self, endpoint_id: str, **changes) -> EndpointStats:
-        """Stores a copy of the endpoint's stats with ``changes``. Not ``dataclasses.replace``,
-        which inspects the fields and runs ``__init__`` on every call: this runs 3 times per
-        forwarded request, and replace cost more than the policy's whole choice."""
-        assert changes.keys() <= _FIELDS, changes.keys() - _FIELDS
-        s = object.__new__(EndpointStats)
-        s.__dict__.update(self.get(endpoint_id).__dict__, **changes)
-        self._stats[endpoint_id] = s
-        return s
+    def _copy(self, endpoint_id: str) -> tuple[EndpointStats, dict]:
+        """The endpoint's stats before an event, and the fields of the copy stored in their
+        place, for the event to set. Not ``dataclasses.replace``, which inspects the fields
+        and runs ``__init__``: three events per forwarded request, and replace cost more than
+        the policy's whole choice. (A frozen dataclass refuses attribute writes, not writes to
+        its ``__dict__``; the copy is nobody else's yet.)"""
+        before = self._stats.get(endpoint_id, _NEW)
+        after = object.__new__(EndpointStats)
+        fields_ = after.__dict__
+        fields_.update(before.__dict__)
+        self._stats[endpoint_id] = after
+        return before, fields_
 
     def started(self, endpoint_id: str, probe: bool = False) -> None:
-        s = self.get(endpoint_id)
-        self._set(endpoint_id, inflight=s.inflight + 1, requests=s.requests + 1,
-                  probe_inflight=s.probe_inflight or probe)
+        before, after = self._copy(endpoint_id)
+        after["inflight"] = before.inflight + 1
+        after["requests"] = before.requests + 1
+        if probe:
+            after["probe_inflight"] = True
 
     def finished(self, endpoint_id: str) -> None:
-        self._set(endpoint_id, inflight=max(0, self.get(endpoint_id).inflight - 1))
+        before, after = self._copy(endpoint_id)
+        after["inflight"] = max(0, before.inflight - 1)
 
     def succeeded(self, endpoint_id: str, latency_ms: float) -> None:
-        ewma = self.get(endpoint_id).ewma_ms
-        self._set(endpoint_id, ewma_ms=latency_ms if ewma is None else (
-            self.alpha * latency_ms + (1 - self.alpha) * ewma), **_ANSWERED)
+        before, after = self._copy(endpoint_id)
+        ewma = before.ewma_ms
+        after["ewma_ms"] = latency_ms if ewma is None else (
+            self.alpha * latency_ms + (1 - self.alpha) * ewma)
+        after.update(_ANSWERED)
 
     def reported(self, endpoint_id: str, waiting: int, running: int, cache_usage: float,
                  now: float) -> None:
         """The endpoint's own load report (checked by ``affinity.parse_load_report``)."""
-        self._set(endpoint_id, waiting=waiting, running=running, cache_usage=cache_usage,
-                  reported_at=now)
+        self._copy(endpoint_id)[1].update(waiting=waiting, running=running,
+                                          cache_usage=cache_usage, reported_at=now)
 
     def answered(self, endpoint_id: str) -> None:
         """It answered, if only to say it is busy (429): alive, but no latency sample."""
-        self._set(endpoint_id, **_ANSWERED)
+        self._copy(endpoint_id)[1].update(_ANSWERED)
 
     def failed(self, endpoint_id: str, now: float, tier_ids: Collection[str],
                hard: bool = False) -> bool:
         """Count a failure; returns True when this failure ejected the endpoint. ``hard``: the
         endpoint's process is gone (connection refused, a stream cut mid-way), which one
         failure shows as well as a run of them."""
-        before = self.get(endpoint_id)
-        s = self._set(endpoint_id, failures=before.failures + 1, probe_inflight=False,
-                      consecutive_failures=before.consecutive_failures + 1)
+        before, after = self._copy(endpoint_id)
+        failures = before.consecutive_failures + 1
+        after.update(failures=before.failures + 1, probe_inflight=False,
+                     consecutive_failures=failures)
         # A failed probe ejects again at once; otherwise a healthy endpoint is ejected after
         # enough failures in a row (or one hard one), if the tier can spare it.
-        enough = hard or s.consecutive_failures >= self.ejection.consecutive_failures
+        enough = hard or failures >= self.ejection.consecutive_failures
         eject = before.probe_inflight or (
-            s.ejected_until is None and enough and self._may_eject(tier_ids))
+            before.ejected_until is None and enough and self._may_eject(tier_ids))
         if eject:
             backoff = min(self.ejection.max_backoff_s,
-                          self.ejection.base_backoff_s * 2 ** s.backoff_level)
-            self._set(endpoint_id, ejected_until=now + backoff, ejections=s.ejections + 1,
-                      backoff_level=s.backoff_level + 1)
+                          self.ejection.base_backoff_s * 2 ** before.backoff_level)
+            after.update(ejected_until=now + backoff, ejections=before.ejections + 1,
+                         backoff_level=before.backoff_level + 1)
         return eject
 
     def _may_eject(self, tier_ids: Collection[str]) -> bool:
