@@ -13,6 +13,7 @@ the endpoint's stats, the affinity table and the metrics. What that adds is what
 router's logic costs with no data path overhead at all.
 
     python benchmarks/python_floor.py --port P --upstream-port U [--router-logic]
+                                      [--reuse-port]
 """
 
 from __future__ import annotations
@@ -168,9 +169,10 @@ class Proxy:
         upstream.transport.write(request)
 
 
-async def serve(port: int, proxy: Proxy) -> None:
+async def serve(port: int, proxy: Proxy, reuse_port: bool) -> None:
     loop = asyncio.get_running_loop()
-    await loop.create_server(lambda: Client(proxy), "127.0.0.1", port, backlog=2048)
+    await loop.create_server(lambda: Client(proxy), "127.0.0.1", port, backlog=2048,
+                             reuse_port=reuse_port or None)
     await asyncio.Event().wait()
 
 
@@ -181,10 +183,12 @@ def main() -> None:
     ap.add_argument("--router-logic", action="store_true",
                     help="make the router's per-request decisions too")
     ap.add_argument("--model", default="standin-model")
+    ap.add_argument("--reuse-port", action="store_true",
+                    help="SO_REUSEPORT: several of these on one port, as router workers are")
     args = ap.parse_args()
     logic = RouterLogic(args.upstream_port, args.model) if args.router_logic else None
     gc.freeze()   # as the router does
-    uvloop.run(serve(args.port, Proxy(args.upstream_port, logic)))
+    uvloop.run(serve(args.port, Proxy(args.upstream_port, logic), args.reuse_port))
 
 
 if __name__ == "__main__":

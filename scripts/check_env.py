@@ -37,7 +37,7 @@ except (ImportError, FileNotFoundError) as exc:
                     f"its four chunk packages) is missing: {exc}")
 
 for exe in ("mosquitto", "mosquitto_pub", "mosquitto_sub", "mosquitto_passwd", "promtool",
-            "haproxy", "openssl"):
+            "haproxy", "openssl", "wrk", "shellcheck"):
     if not (shutil.which(exe) or Path("/usr/sbin", exe).exists()):
         problems.append(f"program {exe} not found (Debian packages: scripts/install.sh)")
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install edgegen and everything it runs with on a fresh Debian (Python 3.11, root):
 # Debian's Mosquitto (MQTT broker + clients), Prometheus (promtool), HAProxy (the
-# reference proxy in the router benchmark) and wrk (its load generator), then a virtual
+# reference proxy in the router benchmark), wrk (its load generator) and shellcheck (the tests
+# lint scripts/gpu_check.sh with it), then a virtual
 # environment in .venv with edgegen and all its extras. Safe to run again: it only adds what
 # is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-APT_PACKAGES=(mosquitto mosquitto-clients prometheus haproxy wrk openssl)
+APT_PACKAGES=(mosquitto mosquitto-clients prometheus haproxy wrk openssl shellcheck)
 
 say() { printf '\033[1;34m==>\033[0m %s\n' "$*"; }
 die() { printf '\033[1;31merror:\033[0m %s\n' "$*" >&2; exit 1; }

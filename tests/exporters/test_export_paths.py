@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 
 from edge_agent.bundle import iter_bundles, open_bundle
@@ -132,6 +133,16 @@ def test_optimum_quantization(precision, quant_op, tiny_llama_dir, tiny_optimum_
     else:
         assert len(float_const_matmuls) == 2
         assert all("down_proj" in n for n in float_const_matmuls), float_const_matmuls
+        # 7-bit weights: full-range int8 ones saturate the int8 kernels of x86 CPUs without
+        # VNNI (exporters.quantize), where the bundle may later be served; within [-64, 64]
+        # two products with uint8 activations fit in int16 (2 x 255 x 64 = 32640)
+        weights = {t.name: t for t in model.graph.initializer}
+        quantized = [numpy_helper.to_array(weights[n.input[1]]) for n in model.graph.node
+                     if n.op_type == "MatMulInteger" and n.input[1] in weights]
+        assert quantized and all(w.dtype == np.int8 for w in quantized)
+        assert min(int(w.min()) for w in quantized) >= -64
+        assert max(int(w.max()) for w in quantized) <= 64
+        assert b.manifest["quantization"]["reduce_range"] is True
     v = b.manifest["validation"]
     assert v["perplexity"] > 1 and 0 < v["teacher_forced_top1_agreement"] <= 1
 
