@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from edge_agent.engine import cpu_fit
 from edge_agent.engine.ort import providers_for
+from edge_agent.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from edge_agent.bundle import Bundle
@@ -26,7 +28,12 @@ def load_engine(bundle: Bundle, settings: AgentSettings):
     """The engine for ``bundle``: a GenerationEngine, or an EmbeddingEngine for encoders.
 
     Engines are imported here, lazily, so an agent loads only the runtime its bundle needs.
+    ModelLoadError for a bundle this CPU would compute wrong (``cpu_fit``).
     """
+    if settings.device == "cpu":
+        why = cpu_fit.check(bundle.manifest.get("quantization"))
+        if why:
+            raise ModelLoadError(f"bundle {bundle.name} cannot be served on this CPU: {why}")
     providers = providers_for(settings.device)
     threads = thread_count(settings)
     cache_bytes = settings.prefix_cache_mb * 2**20
