@@ -40,7 +40,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,13 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support.procs import EdgegenProcess, free_port, stop_process, wait_http  # noqa: E402
+from tests.support.procs import (  # noqa: E402
+    EdgegenProcess,
+    free_port,
+    stop_process,
+    wait_http,
+    wait_port,
+)
 from tests.support.wan_proxy import WanProxy  # noqa: E402
 
 
@@ -294,15 +299,6 @@ FLOOR_SCRIPT = Path(__file__).with_name("python_floor.py")
 # name -> python_floor.py's flags: a bare callback proxy, and the same making the router's
 # per-request decisions
 FLOORS = {"py-floor": [], "py-floor+logic": ["--router-logic"]}
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port} (exit code {proc.poll()})")
 
 
 def register_standin(consul: str, port: int) -> None:

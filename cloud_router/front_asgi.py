@@ -69,8 +69,8 @@ class AsgiExchange:
         if not self.chunked and not more:   # the usual case: the whole answer at once
             self.finished = True
             if head_only:
-                length = any(k == b"content-length" for k, _ in self.headers)
-                conn.write(conn.head(self.status, self.headers if length else [
+                has_length = any(k == b"content-length" for k, _ in self.headers)
+                conn.write(conn.head(self.status, self.headers if has_length else [
                     *self.headers, (b"content-length", str(len(body)).encode())], self.keep))
             else:
                 conn.write_whole(Reply(self.status, [

@@ -2,30 +2,16 @@
 still makes the router's decisions with the router's code (an API change there would
 otherwise break the benchmark unseen)."""
 
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from tests.cloud_router.router_support import ServerThread, Upstream
-from tests.support.procs import REPO, free_port, stop_process
+from tests.support.procs import REPO, free_port, stop_process, wait_port
 
 MODEL = "standin-model"
-
-
-def listening(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +31,7 @@ def test_the_floor_proxy_forwards_and_with_the_routers_logic_says_its_route(
                              "--port", str(port), "--upstream-port", str(upstream.server.port),
                              "--model", MODEL, *flags], stderr=subprocess.PIPE)
     try:
-        listening(port, proc)
+        wait_port(port, proc)
         upstream.hits = 0
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             for _ in range(2):   # one keep-alive connection each way: the pool is reused

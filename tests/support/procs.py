@@ -53,6 +53,21 @@ def wait_http(url: str, timeout: float = 60.0, status: int | None = 200,
     raise TimeoutError(f"{url} not ready after {timeout}s: {last}")
 
 
+def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
+    """Wait until something listens on 127.0.0.1:``port``; fail early if ``proc`` died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} "
+                               "listened")
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+
 class EdgegenProcess:
     """`edgegen ARGS...` as a child process, its output in a log file; stop() on teardown."""
 
